@@ -1,0 +1,1 @@
+"""higgs-ds: training stack for Higgs Audio v2 (shards → stream → collate → model+loss → engine → hooks)."""
