@@ -1,0 +1,157 @@
+"""ChatML sample (upstream JSON) → text tokens + labels, one placeholder per audio item (DESIGN §2).
+
+Token for token the same as upstream `prepare_chatml_sample` (boson_multimodal dataset/chatml_dataset.py:307-452):
+every piece is encoded on its own with `add_special_tokens=False`, exactly as upstream spells it. Samples that
+upstream silently misaligns (audio in other roles, literal placeholder strings in text) raise `SampleError`.
+Two upstream quirks are kept for parity: the first turn's prefix starts with <|begin_of_text|>, and the
+`{recipient}<|recipient|>` tokens are always labelled, even in turns before `start_index`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, NoReturn
+
+import numpy as np
+
+from .tokens import SpecialTokens
+
+IGNORE = -100
+AUDIO_ROLES = ("user", "system", "assistant")
+
+
+class SampleError(ValueError):
+    """A sample that cannot be tokenized; the message names the sample key and the offending field."""
+
+
+@dataclass
+class AudioRef:
+    index: int  # 0.. over the sample (audio-in and audio-out numbered together)
+    role: str  # "user" | "system" | "assistant"
+    is_out: bool  # assistant audio (audio-out)
+    item: dict  # the original content item (audio_url, raw_audio, offset, duration, ...)
+
+
+@dataclass
+class ChatMLTokens:
+    input_ids: np.ndarray  # int32 [L], one <|AUDIO|>/<|AUDIO_OUT|> placeholder per audio item
+    label_ids: np.ndarray  # int32 [L]
+    audio: list[AudioRef]
+    speaker: str | None
+
+
+def _content_items(content: Any, where: str, fail: Callable[[str, str], NoReturn]) -> list[tuple[str, str, dict]]:
+    """Normalise a message's content to [(field path, "text" | "audio", item)]."""
+    if isinstance(content, (str, Mapping)):
+        listed, paths = [content], [where]
+    elif isinstance(content, list):
+        listed, paths = content, [f"{where}[{i}]" for i in range(len(content))]
+    else:
+        fail(where, f"expected a string, a text/audio item or a list of them, got {type(content).__name__}")
+    items = []
+    for item, path in zip(listed, paths):
+        if isinstance(item, str):
+            items.append((path, "text", {"type": "text", "text": item}))
+            continue
+        if not isinstance(item, Mapping):
+            fail(path, f"expected a string or a text/audio item, got {type(item).__name__}")
+        # Upstream parses items with dacite, so a missing "type" means whichever dataclass the keys fit.
+        kind = item.get("type", "audio" if "audio_url" in item else "text")
+        if kind == "text":
+            if not isinstance(item.get("text"), str):
+                fail(path, f"text item needs a string 'text', got {type(item.get('text')).__name__}")
+        elif kind == "audio":
+            if not isinstance(item.get("audio_url"), str) and not isinstance(item.get("raw_audio"), str):
+                fail(path, "audio item needs a string 'audio_url' or 'raw_audio'")
+        else:
+            fail(path, f"unknown content type {kind!r} (expected 'text' or 'audio')")
+        items.append((path, kind, dict(item)))
+    return items
+
+
+def tokenize_chatml(sample: Mapping, tokenizer, tokens: SpecialTokens, key: str = "?") -> ChatMLTokens:
+    """Tokens and labels of one upstream ChatML sample; `key` names the sample in errors."""
+
+    def fail(where: str, why: str) -> NoReturn:
+        raise SampleError(f"sample {key!r}: {where}: {why}")
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    if not isinstance(sample, Mapping):
+        fail("<sample>", f"expected a JSON object, got {type(sample).__name__}")
+    messages = sample.get("messages")
+    if not isinstance(messages, list) or not messages:
+        fail("messages", "expected a non-empty list of messages")
+    start_index = sample.get("start_index")
+    if start_index is not None and (type(start_index) is not int or start_index < 0):
+        fail("start_index", f"expected a non-negative int or null, got {start_index!r}")
+    speaker = sample.get("speaker")
+    misc = sample.get("misc")
+    if misc is not None and not isinstance(misc, Mapping):
+        fail("misc", f"expected an object or null, got {type(misc).__name__}")
+    speaker_field = "speaker"
+    if speaker is None and misc is not None:
+        speaker, speaker_field = misc.get("speaker"), "misc.speaker"
+    if speaker is not None and not isinstance(speaker, str):
+        fail(speaker_field, f"expected a string or null, got {type(speaker).__name__}")
+
+    for turn, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            fail(f"messages[{turn}]", f"expected an object, got {type(message).__name__}")
+
+    placeholders = {tokens.audio_in, tokens.audio_out}
+    input_ids: list[int] = []
+    label_ids: list[int] = []
+    audio: list[AudioRef] = []
+
+    def emit(ids: list[int], learnable: bool):
+        input_ids.extend(ids)
+        label_ids.extend(ids if learnable else [IGNORE] * len(ids))
+
+    for turn, message in enumerate(messages):
+        where = f"messages[{turn}]"
+        role, recipient = message.get("role"), message.get("recipient")
+        if not isinstance(role, str) or not role:
+            fail(f"{where}.role", f"expected a non-empty string, got {role!r}")
+        if recipient is not None and not isinstance(recipient, str):
+            fail(f"{where}.recipient", f"expected a string, got {type(recipient).__name__}")
+        if recipient and role != "assistant":  # upstream tests truthiness: "" means no recipient
+            fail(f"{where}.recipient", f"only an assistant turn may have a recipient, not {role!r}")
+        if "content" not in message:
+            fail(f"{where}.content", "missing")
+        items = _content_items(message["content"], f"{where}.content", fail)
+        trained = role == "assistant" and (start_index is None or turn >= start_index)
+
+        bos = "<|begin_of_text|>" if turn == 0 else ""
+        emit(encode(f"{bos}<|start_header_id|>{role}<|end_header_id|>\n\n"), False)
+        if recipient:
+            emit(encode(f"{recipient}<|recipient|>"), True)  # upstream: labelled even before start_index
+
+        for path, kind, item in items:
+            if kind == "text":
+                ids = encode(item["text"])
+                if placeholders.intersection(ids):
+                    fail(path, "text contains a literal <|AUDIO|>/<|AUDIO_OUT|> placeholder; it would shift "
+                               "every later audio segment")
+                emit(ids, trained)
+                continue
+            if role not in AUDIO_ROLES:
+                fail(path, f"audio in a {role!r} turn (upstream drops it from the text but keeps the audio, "
+                           f"misaligning every later segment); audio may only appear in {AUDIO_ROLES}")
+            is_out = role == "assistant"
+            if is_out:
+                ids = encode("<|audio_out_bos|><|AUDIO_OUT|><|audio_eos|>")
+            else:
+                ids = encode("<|audio_bos|><|AUDIO|><|audio_eos|>")
+            emit(ids, trained)
+            audio.append(AudioRef(index=len(audio), role=role, is_out=is_out, item=item))
+
+        next_is_assistant = turn + 1 < len(messages) and messages[turn + 1].get("role") == "assistant"
+        emit(encode("<|eom_id|>" if role == "assistant" and next_is_assistant else "<|eot_id|>"), trained)
+
+    ids = np.asarray(input_ids, dtype=np.int32)
+    found = int(np.isin(ids, list(placeholders)).sum())
+    if found != len(audio):  # e.g. a role or recipient spelling a placeholder, or a tokenizer without them
+        fail("messages", f"{found} <|AUDIO|>/<|AUDIO_OUT|> placeholders in the tokens but {len(audio)} audio items")
+    return ChatMLTokens(input_ids=ids, label_ids=np.asarray(label_ids, dtype=np.int32), audio=audio,
+                        speaker=speaker)
