@@ -1,0 +1,144 @@
+"""Data-path throughput: shards → collated batches (ours) vs upstream boson-multimodal's collator, same samples.
+
+    .venv/bin/python benchmarks/bench_data.py [--samples 512] [--batch-size 16] [--repeats 3]
+
+Builds a TTS-like sample set (system + user text, 2–20 s assistant audio, a third with a 3–8 s reference clip
+in the user turn) in a temporary folder, shards it with data_tools.build_shards, then measures in one run:
+  ours/stream   ShardLoader: tar read + decode + batching + collate (padded, expanded), one process
+  ours/collate  our Collator alone on the decoded samples (in memory, like upstream)
+  upstream      HiggsAudioSampleCollator alone, and + merge_input_ids_with_audio_features (the expansion upstream
+                does in the model), in the reference venv (.venv-ref; reference/setup_ref_venv.sh) as a subprocess
+and the padding efficiency (real tokens / batch positions) of pad-to-longest vs packed rows. One thread each.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from higgs_ds.data.collator import Collator  # noqa: E402
+from higgs_ds.data.stream import ShardLoader  # noqa: E402
+from higgs_ds.data.tokens import AudioSettings, SpecialTokens  # noqa: E402
+
+TOKENIZER = ROOT / "tests/assets/tiny_tokenizer"
+WORDS = "the quick brown fox jumps over a lazy dog while we read this text aloud in a calm voice".split()
+
+
+def make_set(folder: Path, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    (folder / "codes").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        def clip(name: str, seconds: float) -> dict:
+            np.save(folder / f"codes/{name}.npy", rng.integers(0, 1024, (8, round(25 * seconds)), dtype=np.int16))
+            return {"type": "audio", "audio_url": f"codes/{name}.npy"}
+        user = [{"type": "text", "text": " ".join(rng.choice(WORDS, rng.integers(8, 40)))}]
+        if i % 3 == 0:
+            user.insert(0, clip(f"ref{i}", rng.uniform(3, 8)))
+        rows.append({"key": f"s{i}", "sample": {"messages": [
+            {"role": "system", "content": "Generate audio following instruction."},
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": clip(f"out{i}", rng.uniform(2, 20))}]}})
+    (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "train.jsonl").write_text("".join(json.dumps({"id": r["key"], **r["sample"]}) + "\n" for r in rows))
+
+
+def best_of(repeats: int, fn) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--pack-length", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ref-python", type=Path, default=ROOT / ".venv-ref/bin/python")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "set"
+        make_set(folder, args.samples, args.seed)
+        config = {"audio_num_codebooks": 8, "audio_codebook_size": 1024, "use_delay_pattern": True,
+                  "skip_audio_tower": True}
+        (folder / "config.json").write_text(json.dumps(config))
+        subprocess.run([sys.executable, "-m", "data_tools.build_shards", str(folder / "train.jsonl"),
+                        "--tokenizer", str(TOKENIZER), "--model-config", str(folder / "config.json"),
+                        "--out", str(folder / "shards"), "--shard-samples", "64"],
+                       check=True, cwd=ROOT, capture_output=True)
+
+        tokens = SpecialTokens.from_tokenizer(AutoTokenizer.from_pretrained(str(TOKENIZER)))
+        audio = AudioSettings.from_model_config(config)
+        padded = Collator(tokens, audio)
+        stream = ShardLoader(folder / "shards/train", padded, batch_size=args.batch_size, shuffle=False,
+                             rank=0, world_size=1)
+        delivered = []
+        t_stream = best_of(args.repeats, lambda: delivered.append(sum(len(b.sample_keys) for b in stream)))
+        n_stream = delivered[-1]
+
+        samples = [s for b in _decoded_batches(stream, args.batch_size) for s in b]
+        batches = [samples[i:i + args.batch_size] for i in range(0, len(samples), args.batch_size)]
+        t_collate = best_of(args.repeats, lambda: [padded(b) for b in batches])
+
+        upstream = json.loads(subprocess.run(
+            [str(args.ref_python), str(ROOT / "reference/bench_upstream_collator.py"), "--set", str(folder),
+             "--batch-size", str(args.batch_size), "--repeats", str(args.repeats)],
+            check=True, cwd=ROOT, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+
+        packed = Collator(tokens, audio, layout="packed", pack_length=args.pack_length)
+        real_padded = total_padded = real_packed = total_packed = 0
+        for b in batches:
+            pb, kb = padded(b), packed(b)
+            real_padded, total_padded = real_padded + pb.num_tokens, total_padded + pb.attention_mask.numel()
+            real_packed, total_packed = real_packed + kb.num_tokens, total_packed + kb.attention_mask.numel()
+
+    ours = {"shard→batch (read+decode+collate+expand)": n_stream / t_stream,
+            "collate+expand (in memory)": len(samples) / t_collate}
+    theirs = {"collate (in memory, no expansion)": upstream["collate_samples_per_s"],
+              "collate+expand (in memory)": upstream["collate_expand_samples_per_s"],
+              "tokenize+load codes+collate+expand": upstream["tokenize_load_collate_expand_samples_per_s"]}
+    print(f"samples: {args.samples} (stream delivered {n_stream}), batch size {args.batch_size}, "
+          f"best of {args.repeats}, 1 thread, no DataLoader workers")
+    for name, value in ours.items():
+        print(f"ours     {name:45s} {value:9.0f} samples/s")
+    for name, value in theirs.items():
+        print(f"upstream {name:45s} {value:9.0f} samples/s")
+    for mine, base in (("shard→batch (read+decode+collate+expand)", "tokenize+load codes+collate+expand"),
+                       ("shard→batch (read+decode+collate+expand)", "collate+expand (in memory)"),
+                       ("shard→batch (read+decode+collate+expand)", "collate (in memory, no expansion)"),
+                       ("collate+expand (in memory)", "collate+expand (in memory)")):
+        print(f"ratio    ours {mine} / upstream {base}: {ours[mine] / theirs[base]:.2f}x")
+    print(f"padding efficiency: pad-to-longest {real_padded / total_padded:.3f}, "
+          f"packed ({args.pack_length}) {real_packed / total_packed:.3f}")
+
+
+def _decoded_batches(stream: ShardLoader, batch_size: int):
+    """The same samples the stream delivered, decoded once (read straight from the shards, outside the clock)."""
+    from higgs_ds.data.shards import decode_sample, read_shard
+
+    samples = []
+    for shard in stream.manifest.shards:
+        for raw in read_shard(stream.manifest.shard_path(shard)):
+            samples.append(decode_sample(raw, stream.collator.tokens, stream.collator.audio))
+    yield from (samples[i:i + batch_size] for i in range(0, len(samples), batch_size))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""Streaming: ranks × workers see disjoint samples covering the epoch, equal batch counts, budgets, exact
+mid-epoch resume, and corrupt data skipped and counted instead of crashing."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from higgs_ds.data.chatml import tokenize_chatml
+from higgs_ds.data.collator import Collator
+from higgs_ds.data.sample import TokenizedSample
+from higgs_ds.data.shards import Manifest, SplitWriter, data_fingerprint, decode_sample, read_shard
+from higgs_ds.data.stream import Budget, ShardLoader, plan_epoch, shuffle_buffer
+from higgs_ds.data.tokens import AudioSettings
+from test_shards import chatml
+
+AUDIO = AudioSettings()
+SHARD_SIZES = (3, 9, 5, 12, 4, 7, 2, 6)  # uneven on purpose
+
+
+def make_samples(n: int, tokenizer, tokens, seed: int = 0) -> list[TokenizedSample]:
+    rng = np.random.default_rng(seed)
+    frames = {}
+    out = []
+    for i in range(n):
+        chat = tokenize_chatml(chatml(i, lambda name, t: frames.setdefault(name, t) and name), tokenizer, tokens,
+                               key=f"s{i}")
+        codes = [rng.integers(0, 1024, (8, frames[ref.item["audio_url"]])).astype(np.int16) for ref in chat.audio]
+        out.append(TokenizedSample(f"s{i}", chat.input_ids, chat.label_ids, codes, {"i": i}))
+    return out
+
+
+def write_split(directory: Path, samples: list[TokenizedSample], sizes, tokenizer, tokens) -> Path:
+    writer = SplitWriter(directory, "train", data_fingerprint(tokenizer, tokens, AUDIO), tokens, AUDIO,
+                         shard_samples=10**6)
+    it = iter(samples)
+    for size in sizes:
+        for _ in range(size):
+            writer.add(next(it))
+        writer.finish_shard()
+    writer.close()
+    return directory
+
+
+@pytest.fixture(scope="module")
+def samples(tokenizer, tokens) -> list[TokenizedSample]:
+    return make_samples(sum(SHARD_SIZES), tokenizer, tokens)
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory, samples, tokenizer, tokens) -> Path:
+    return write_split(tmp_path_factory.mktemp("split"), samples, SHARD_SIZES, tokenizer, tokens)
+
+
+def run_epoch(loader: ShardLoader) -> list:
+    return list(loader)
+
+
+def assert_batches_equal(a, b) -> None:
+    assert a.sample_keys == b.sample_keys
+    for name, value in a.model_inputs().items():
+        assert torch.equal(value, getattr(b, name)), name
+
+
+def test_shuffle_buffer_is_a_seeded_permutation():
+    items = np.arange(100, 200)
+    once = shuffle_buffer(items, 10, np.random.default_rng(1))
+    assert sorted(once.tolist()) == items.tolist() and once.tolist() != items.tolist()
+    np.testing.assert_array_equal(once, shuffle_buffer(items, 10, np.random.default_rng(1)))
+    assert shuffle_buffer(items, 10, np.random.default_rng(2)).tolist() != once.tolist()
+    np.testing.assert_array_equal(shuffle_buffer(items, 1, np.random.default_rng(1)), items)
+    # A buffer of 10 can hold an item back, but never emit one before it has been read.
+    assert all(item <= i + 9 for i, item in enumerate((once - 100).tolist()))
+
+
+def test_plan_balances_uneven_shards():
+    lengths = [np.full(n, 10, dtype=np.int32) for n in (18, 50, 30)]
+    plan = plan_epoch(lengths, epoch=0, seed=0, num_slots=2, budget=Budget(batch_size=4))
+    assert sorted(sorted(slot.shards) for slot in plan.slots) == [[0, 2], [1]]  # largest first to the lighter slot
+    # 50 samples make 13 batches, 48 make 12: both slots keep 12, the last 2 samples of the first are dropped.
+    assert plan.batches_per_slot == 12 and plan.dropped == 2 and plan.too_long == 0
+    kept = np.concatenate([slot.samples for slot in plan.slots])
+    assert len(kept) == len(set(kept.tolist())) == 96 and set(kept.tolist()) <= set(range(98))
+    with pytest.raises(ValueError, match="3 shards cannot feed 8"):
+        plan_epoch(lengths, epoch=0, seed=0, num_slots=8, budget=Budget(batch_size=4))
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_budget_cuts_full_batches_within_the_limit(tokens, layout):
+    """Every batch fits max_tokens as the collator lays it out, and the sample that closed it would not have."""
+    collator = Collator(tokens, AUDIO, layout=layout, round_to=16, pack_length=100 if layout == "packed" else None)
+    budget = Budget(max_tokens=420, layout=layout, round_to=16, pack_length=collator.pack_length)
+    lengths = np.random.default_rng(0).integers(40, 101, 400)  # many rows of just over half: packing matters
+
+    def size(indices) -> int:
+        text_only = [TokenizedSample(str(i), np.full(lengths[i], 7, np.int32), np.full(lengths[i], -100, np.int32))
+                     for i in indices]
+        batch = collator(text_only)
+        return batch.input_ids.shape[0] * (budget.row_width if layout == "packed" else batch.input_ids.shape[1])
+
+    batches, too_long = budget.cut(lengths)
+    assert too_long == 0 and np.array_equal(np.concatenate(batches), np.arange(len(lengths)))
+    for batch, following in zip(batches, batches[1:]):
+        assert size(batch) <= 420 < size(np.append(batch, following[0]))
+    assert budget.cut(np.array([50, 101, 60]))[1] == (1 if layout == "packed" else 0)
+
+
+@pytest.mark.parametrize("layout, budget", [
+    ("padded", {"max_tokens": 400}),
+    ("packed", {"max_tokens": 600}),
+    ("padded", {"batch_size": 3}),
+])
+def test_ranks_and_workers_cover_the_epoch_once(split, samples, tokens, layout, budget):
+    collator = Collator(tokens, AUDIO, layout=layout, round_to=8, pack_length=200 if layout == "packed" else None)
+    by_key = {s.key: s for s in samples}
+    for epoch in range(2):
+        seen, counts, orders = [], [], []
+        for rank in range(2):
+            loader = ShardLoader(split, collator, rank=rank, world_size=2, num_workers=2, seed=5, shuffle_buffer=4,
+                                 **budget)
+            loader.set_epoch(epoch)
+            batches = run_epoch(loader)
+            counts.append((len(batches), len(loader)))
+            stats = loader.plan(epoch)
+            for batch in batches:
+                if "max_tokens" in budget:
+                    assert batch.input_ids.numel() <= budget["max_tokens"]
+                    if layout == "packed":
+                        assert batch.input_ids.shape[0] * collator.pack_length <= budget["max_tokens"]
+                else:
+                    assert len(batch.sample_keys) <= budget["batch_size"]
+                if layout == "padded":  # the stream's batch is exactly the collator's on the source samples
+                    assert_batches_equal(batch, collator([by_key[k] for k in batch.sample_keys]))
+                seen += batch.sample_keys
+            orders.append([k for b in batches for k in b.sample_keys])
+        assert counts[0][0] == counts[1][0] == counts[0][1] == counts[1][1] > 0
+        assert len(seen) == len(set(seen)), "a sample was seen twice"
+        assert len(seen) == len(samples) - stats.dropped - stats.too_long
+        if epoch == 0:
+            first_epoch = orders
+    assert orders != first_epoch, "the order must change between epochs"
+
+
+def test_too_long_samples_are_left_out_and_counted(split, samples, tokens):
+    collator = Collator(tokens, AUDIO)
+    lengths = np.array([s.num_expanded_tokens(AUDIO) for s in samples])
+    limit = int(np.percentile(lengths, 80))
+    loader = ShardLoader(split, collator, world_size=1, num_workers=0, max_tokens=limit)
+    keys = [k for b in loader for k in b.sample_keys]
+    assert loader.stats()["too_long_samples"] == int((lengths > limit).sum()) > 0
+    assert not {s.key for s, n in zip(samples, lengths) if n > limit} & set(keys)
+
+
+@pytest.mark.parametrize("stop", [3, 4, 11, 14])
+def test_resume_mid_epoch_equals_uninterrupted(split, tokens, stop):
+    collator = Collator(tokens, AUDIO)
+
+    def loader():
+        return ShardLoader(split, collator, rank=1, world_size=2, num_workers=2, seed=7, max_tokens=250,
+                           shuffle_buffer=6)
+
+    straight = loader()
+    epoch0 = run_epoch(straight)
+    expected = epoch0 + run_epoch(straight)
+    assert len(epoch0) >= 8 and stop < len(expected)
+    interrupted = loader()
+    first = []
+    while len(first) < stop:  # across the epoch boundary too
+        for batch in interrupted:
+            first.append(batch)
+            if len(first) == stop:
+                break
+    state = json.loads(json.dumps(interrupted.state_dict()))
+    in_epoch0 = stop < len(epoch0)
+    assert (state["epoch"], state["position"]) == ((0, stop) if in_epoch0 else (1, stop - len(epoch0)))
+    resumed = loader()
+    resumed.load_state_dict(state)
+    rest = [batch for epoch in range(state["epoch"], 2) for batch in run_epoch(resumed)]
+    assert len(first) + len(rest) == len(expected)
+    for a, b in zip(first + rest, expected):
+        assert_batches_equal(a, b)
+
+
+def test_state_refuses_another_layout(split, tokens):
+    collator = Collator(tokens, AUDIO)
+    state = ShardLoader(split, collator, rank=0, world_size=2, num_workers=2, max_tokens=500).state_dict()
+    with pytest.raises(ValueError, match="world_size"):
+        ShardLoader(split, collator, rank=0, world_size=4, num_workers=2, max_tokens=500).load_state_dict(state)
+    other = Collator(type(tokens)(**{**tokens.__dict__, "pad": tokens.eot}), AUDIO)
+    with pytest.raises(ValueError, match="special tokens"):
+        ShardLoader(split, other, max_tokens=500)
+    with pytest.raises(ValueError, match="8 shards cannot feed 12"):
+        ShardLoader(split, collator, rank=0, world_size=3, num_workers=4, max_tokens=500)
+
+
+def rewrite_shard(path: Path, change) -> None:
+    """Rewrite a shard with `change(member name, bytes) -> bytes` applied to every member."""
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    path.chmod(0o644)
+    with tarfile.open(path, "w") as tar:
+        for member, data in members:
+            data = change(member.name, data)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+
+
+def _readable_keys(path: Path, tokens) -> set[str]:
+    keys = set()
+    try:
+        for raw in read_shard(path):
+            try:
+                keys.add(decode_sample(raw, tokens, AUDIO).key)
+            except ValueError:
+                pass
+    except ValueError:
+        pass
+    return keys
+
+
+def test_corrupt_data_is_skipped_and_counted(split, samples, tokens, tmp_path, caplog):
+    collator = Collator(tokens, AUDIO)
+    damaged = shutil.copytree(split, tmp_path / "damaged")
+    manifest = Manifest.load(damaged)
+    names = [s.name for s in manifest.shards]
+    keys_of = {name: [decode_sample(raw, tokens, AUDIO).key for raw in read_shard(damaged / name)] for name in names}
+
+    # Shard 3: truncated mid-file. Shard 1: one undecodable array. Shard 5: one sample's codes out of range.
+    truncated = damaged / names[3]
+    data = truncated.read_bytes()
+    truncated.chmod(0o644)
+    truncated.write_bytes(data[:len(data) // 2 + 100])
+    rewrite_shard(damaged / names[1], lambda name, data: b"junk" if name == "000002.input_ids.npy" else data)
+    def out_of_range(name: str, data: bytes) -> bytes:
+        if name != "000001.audio_codes.npy":
+            return data
+        codes = np.load(io.BytesIO(data))
+        codes[0, 0] = 1024
+        out = io.BytesIO()
+        np.save(out, codes)
+        return out.getvalue()
+
+    rewrite_shard(damaged / names[5], out_of_range)
+    lost_to_truncation = set(keys_of[names[3]]) - _readable_keys(truncated, tokens)
+    corrupted = {keys_of[names[1]][2], keys_of[names[5]][1]}
+    assert lost_to_truncation
+
+    clean_seen, damaged_seen, stats = set(), set(), []
+    for rank in range(2):
+        clean = ShardLoader(split, collator, rank=rank, world_size=2, num_workers=2, seed=1, max_tokens=400)
+        clean_batches = run_epoch(clean)
+        clean_seen |= {k for b in clean_batches for k in b.sample_keys}
+        with caplog.at_level(logging.WARNING, logger="higgs_ds.data.stream"):
+            loader = ShardLoader(damaged, collator, rank=rank, world_size=2, num_workers=2, seed=1, max_tokens=400)
+            batches = run_epoch(loader)
+        assert len(batches) == len(clean_batches) == len(loader), "damage must not change the step count"
+        damaged_seen |= {k for b in batches for k in b.sample_keys}
+        stats.append(loader.stats())
+    lost = (lost_to_truncation | corrupted) & clean_seen
+    assert damaged_seen == clean_seen - lost
+    assert sum(s["corrupt_samples"] + s["missing_samples"] for s in stats) == len(lost)
+    assert sum(s["corrupt_samples"] for s in stats) >= len(corrupted & clean_seen)
+    assert sum(s["bad_shards"] for s in stats) >= 1
+    log = caplog.text
+    assert names[3] in log and "manifest says" in log
+    assert f"{names[1]}: key '000002'" in log and "input_ids.npy: not a .npy array" in log
+    assert f"{names[5]}: key '000001'" in log and "audio_codes.npy: codes span" in log
+
+
+def test_batch_without_any_good_sample_becomes_blank(tmp_path, samples, tokenizer, tokens, caplog):
+    split = write_split(tmp_path / "split", samples[:8], (2, 2, 2, 2), tokenizer, tokens)
+    (split / "train-000001.tar").chmod(0o644)
+    (split / "train-000001.tar").write_bytes(b"")  # both samples of the second batch gone
+    collator = Collator(tokens, AUDIO)
+    with caplog.at_level(logging.WARNING, logger="higgs_ds.data.stream"):
+        loader = ShardLoader(split, collator, num_workers=0, batch_size=2, shuffle=False)
+        batches = run_epoch(loader)
+    assert [b.sample_keys for b in batches] == [["s0", "s1"], ["<blank>"], ["s4", "s5"], ["s6", "s7"]]
+    blank = batches[1]
+    assert (blank.label_ids == -100).all() and blank.audio_out_labels.numel() == 0
+    assert blank.input_ids.tolist() == [[tokens.pad]]
+    assert loader.stats()["blank_batches"] == 1 and loader.stats()["missing_samples"] == 2
+    assert "train-000001.tar" in caplog.text and "unreadable tar" in caplog.text
