@@ -1,0 +1,128 @@
+"""Forward+backward throughput: HiggsAudioForTraining (routed DualFFN, shifted losses on fused heads) against
+transformers' HiggsAudioV2ForConditionalGeneration + its own loss, same weights, same TTS-like batch.
+
+Small backbone (hidden 512, 4 layers) with the real head sizes (text 128256, audio 8 x 1026): the port computes
+both heads at every position and materializes the logits; we run the text head only where a shifted text label
+exists and the audio head only at labelled audio-out frames. The batch is one TTS sample per row (the port cannot
+isolate packed samples): prompt, reference audio-in, audio-out, a few learnable text tokens.
+
+    .venv/bin/python benchmarks/bench_step.py [--rows 1 --length 1024 --steps 3]
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from higgs_ds.data.batch import Batch  # noqa: E402
+from higgs_ds.model import HiggsAudioForTraining  # noqa: E402
+
+
+def bench_config() -> HiggsAudioV2Config:
+    """Special token ids: the port's defaults (the release's)."""
+    return HiggsAudioV2Config(
+        vocab_size=128256, hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=64, num_codebooks=8, codebook_size=1026)
+
+
+def tts_batch(config: HiggsAudioV2Config, rows: int, length: int, generator: torch.Generator) -> Batch:
+    """Per row: 60 prompt tokens, 25% reference audio-in, 16 text tokens, audio-out frames, 3 learnable tokens."""
+    k, vocab = config.num_codebooks, config.codebook_size
+    prompt, reference, middle, answer = 60, length // 4, 16, 3
+    frames = length - prompt - reference - middle - answer
+    kinds = torch.tensor([0] * prompt + [1] * reference + [0] * middle + [2] * frames + [0] * answer)
+    kinds = kinds.expand(rows, length)
+    # Text ids well below the special tokens. Audio frames hold a placeholder id (replaced by audio embeddings; we
+    # route by mask, the port by this id).
+    input_ids = torch.randint(0, 1000, (rows, length), generator=generator).masked_fill(kinds > 0,
+                                                                                       config.audio_token_id)
+    label_ids = torch.full((rows, length), -100)
+    label_ids[:, -answer:] = input_ids[:, -answer:]
+    audio_in_ids = torch.randint(0, vocab, (k, rows * reference), generator=generator)
+    audio_out_ids = torch.randint(0, vocab, (k, rows * frames), generator=generator)
+    audio_out_labels = audio_out_ids.clone()
+    audio_out_labels[:, ::frames] = -100  # the all-bos first frame of each segment
+    return Batch(input_ids=input_ids, attention_mask=torch.ones(rows, length, dtype=torch.bool),
+                 position_ids=torch.arange(length).expand(rows, length), segment_ids=torch.ones(rows, length,
+                                                                                                 dtype=torch.int32),
+                 label_ids=label_ids, audio_in_mask=kinds == 1, audio_out_mask=kinds == 2, audio_in_ids=audio_in_ids,
+                 audio_out_ids=audio_out_ids, audio_out_labels=audio_out_labels)
+
+
+def port_inputs(batch: Batch, config: HiggsAudioV2Config) -> dict[str, torch.Tensor]:
+    """Every audio frame is a placeholder; codes/labels per row in position order (audio_labels -100 at audio-in)."""
+    rows = batch.input_ids.shape[0]
+    is_audio = batch.audio_in_mask | batch.audio_out_mask
+    k = batch.audio_in_ids.shape[0]
+    codes = torch.zeros(*is_audio.shape, k, dtype=torch.long)
+    labels = torch.full((*is_audio.shape, k), -100)
+    codes[batch.audio_in_mask], codes[batch.audio_out_mask] = batch.audio_in_ids.T, batch.audio_out_ids.T
+    labels[batch.audio_out_mask] = batch.audio_out_labels.T
+    return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids, audio_input_ids=codes[is_audio].view(rows, -1, k),
+                audio_input_ids_mask=torch.ones(rows, int(is_audio[0].sum()), dtype=torch.bool),
+                labels=batch.label_ids, audio_labels=labels[is_audio].view(rows, -1, k))
+
+
+def time_steps(step, steps: int) -> tuple[float, float]:
+    """Median seconds of forward+backward after one warm-up step; returns (median, loss)."""
+    loss = step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), loss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument("--length", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    config = bench_config()
+    ours = HiggsAudioForTraining(config, attn_implementation="sdpa")
+    port = HiggsAudioV2ForConditionalGeneration(config, use_text_head=True)
+    port.config._attn_implementation = "sdpa"
+    port.load_state_dict(ours.state_dict())
+    batch = tts_batch(config, args.rows, args.length, torch.Generator().manual_seed(0))
+    theirs = port_inputs(batch, config)
+
+    def our_step():
+        ours.zero_grad(set_to_none=True)
+        loss = ours(**batch.model_inputs()).loss
+        loss.backward()
+        return loss.item()
+
+    def port_step():
+        port.zero_grad(set_to_none=True)
+        loss = port(**theirs).loss
+        loss.backward()
+        return loss.item()
+
+    tokens = batch.num_tokens
+    our_time, our_loss = time_steps(our_step, args.steps)
+    port_time, port_loss = time_steps(port_step, args.steps)
+    learnable_text = int((batch.label_ids[:, 1:] != -100).sum())
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}")
+    print(f"batch: {args.rows} x {args.length} tokens, {int(batch.audio_out_mask.sum())} audio-out frames, "
+          f"{int(batch.audio_in_mask.sum())} audio-in frames, {learnable_text} learnable text tokens")
+    print(f"loss (same weights, same objective): ours {our_loss:.6f}  port {port_loss:.6f}")
+    print(f"ours: {our_time * 1000:8.1f} ms/step  {tokens / our_time:9.1f} tokens/s")
+    print(f"port: {port_time * 1000:8.1f} ms/step  {tokens / port_time:9.1f} tokens/s")
+    print(f"speed-up: {port_time / our_time:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Loss assembly: next-token shift, learnable-position selection and normalisation (DESIGN §4).
+
+Shift. Labels in a Batch are unshifted. Hidden state t predicts the label at t+1 **within the same segment**
+(packed sample), so the last position of a sample never sees the next sample's first label, and nothing predicts
+into padding (segment 0).
+  text:  rows t whose shifted text label is not -100 go to the text head.
+  audio: rows at audio-out frame j whose next position is audio-out frame j+1 of the same segment and whose label
+         column j+1 has any code != -100 go to the audio head, with per-codebook targets (-100 elsewhere).
+
+Objective.
+  loss = grad_scale * (text_weight * text_sum / N_text + audio_weight * R_k(audio_sum_k / N_audio_k))
+with R = sum or mean over codebooks (`LossConfig.audio_reduction`; the transformers port sums). The normalisers N:
+  * `loss_norm=None`: this batch's own learnable counts and grad_scale = 1 (a per-batch mean, e.g. evaluation).
+  * `loss_norm=LossNorm(...)`: the engine passes the GLOBAL counts of the optimizer step and
+    grad_scale = world_size * grad_accum_steps. Global counts: `learnable_counts(batch)` of each of the step's
+    micro-batches, summed, then all-reduced (sum) over ranks, before the step's first forward. DeepSpeed averages
+    gradients over ranks and divides by the accumulation steps; the scale undoes both, so the step's gradient equals
+    the single-process gradient of the full-batch mean (tests/test_losses.py checks this).
+A normaliser of 0 (no such tokens anywhere) counts as 1: that term is then 0 and still carries a (zero) gradient.
+
+Logging. `loss_means` turns sums and counts into the logged means with the same reduction as the objective:
+`loss/text`, `loss/audio` (exactly the audio term used: sum or mean over codebooks), `loss/audio_cb{k}`, `loss/total`.
+Feed it all-reduced sums/counts to log global means; the model reports this batch's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..data.batch import Batch
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    text_weight: float = 1.0
+    audio_weight: float = 1.0
+    audio_reduction: Literal["sum", "mean"] = "sum"
+
+    def __post_init__(self):
+        if self.audio_reduction not in ("sum", "mean"):
+            raise ValueError(f"LossConfig.audio_reduction must be 'sum' or 'mean', got {self.audio_reduction!r}")
+
+
+@dataclass
+class LossNorm:
+    """Global normalisers for one optimizer step; see the module docstring."""
+
+    text_tokens: float
+    audio_tokens: torch.Tensor | float  # [K] per codebook, or one count for all codebooks
+    grad_scale: float = 1.0
+
+
+@dataclass
+class Targets:
+    """What the heads see, after the shift. Positions index the flattened [B*L] sequence."""
+
+    text_positions: torch.Tensor  # long [n_text]
+    text_labels: torch.Tensor  # long [n_text]
+    audio_frames: torch.Tensor  # long [n_audio]: columns of audio_out_ids (frame j predicts frame j+1)
+    audio_labels: torch.Tensor  # long [n_audio, K]
+
+
+@dataclass
+class LearnableCounts:
+    text: torch.Tensor  # long scalar
+    audio: torch.Tensor  # long [K]
+
+
+def next_token_targets(label_ids: torch.Tensor, segment_ids: torch.Tensor, audio_out_mask: torch.Tensor,
+                       audio_out_labels: torch.Tensor) -> Targets:
+    seq_len = label_ids.shape[1]
+    segments = segment_ids.flatten()
+    same_segment_next = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, :-1] > 0)
+    next_text = F.pad(label_ids[:, 1:].masked_fill(~same_segment_next, IGNORE), (0, 1), value=IGNORE).flatten()
+    text_positions = (next_text != IGNORE).nonzero().squeeze(1)
+
+    # Frames are numbered row-major, so frame j+1 follows frame j exactly when it sits at the next flat position
+    # of the same row (not wrapped to the next row) and the same segment.
+    frame_positions = audio_out_mask.flatten().nonzero().squeeze(1)
+    here, after = frame_positions[:-1], frame_positions[1:]
+    followed = (after == here + 1) & (here % seq_len != seq_len - 1) & (segments[after] == segments[here])
+    next_labels = audio_out_labels[:, 1:].T
+    audio_frames = (followed & (next_labels != IGNORE).any(dim=1)).nonzero().squeeze(1)
+    return Targets(text_positions, next_text[text_positions], audio_frames, next_labels[audio_frames])
+
+
+def learnable_counts(batch: Batch) -> LearnableCounts:
+    """Tokens each head learns from in `batch`: sum these over ranks and micro-batches to build a LossNorm."""
+    targets = next_token_targets(batch.label_ids, batch.segment_ids, batch.audio_out_mask, batch.audio_out_labels)
+    return LearnableCounts(text=(targets.text_labels != IGNORE).sum(),
+                           audio=(targets.audio_labels != IGNORE).sum(dim=0))
+
+
+def reduce_codebooks(per_codebook: torch.Tensor, reduction: str) -> torch.Tensor:
+    return per_codebook.sum() if reduction == "sum" else per_codebook.mean()
+
+
+def objective(text_loss_sum: torch.Tensor, text_tokens: torch.Tensor, audio_loss_sum: torch.Tensor,
+              audio_tokens: torch.Tensor, config: LossConfig, norm: LossNorm | None = None) -> torch.Tensor:
+    """The scalar to backpropagate. Sums are differentiable fp32; counts are this batch's (used when norm is None)."""
+    if norm is None:
+        text_norm, audio_norm, scale = text_tokens, audio_tokens, 1.0
+    else:
+        text_norm, scale = torch.as_tensor(norm.text_tokens), norm.grad_scale
+        audio_norm = torch.as_tensor(norm.audio_tokens).expand(audio_loss_sum.shape)
+    text = text_loss_sum / text_norm.to(text_loss_sum).clamp_min(1)
+    audio = reduce_codebooks(audio_loss_sum / audio_norm.to(audio_loss_sum).clamp_min(1), config.audio_reduction)
+    return scale * (config.text_weight * text + config.audio_weight * audio)
+
+
+def loss_means(text_loss_sum: torch.Tensor, text_tokens: torch.Tensor, audio_loss_sum: torch.Tensor,
+               audio_tokens: torch.Tensor, config: LossConfig) -> dict[str, torch.Tensor]:
+    """Logged means (detached fp32); a term with no tokens logs 0."""
+    text = text_loss_sum.detach().float() / text_tokens.clamp_min(1)
+    per_codebook = audio_loss_sum.detach().float() / audio_tokens.clamp_min(1)
+    audio = reduce_codebooks(per_codebook, config.audio_reduction)
+    means = {"loss/text": text, "loss/audio": audio,
+             "loss/total": config.text_weight * text + config.audio_weight * audio}
+    means.update({f"loss/audio_cb{k}": value for k, value in enumerate(per_codebook)})
+    return means

@@ -1,0 +1,333 @@
+"""Higgs Audio v2 (DualFFN) for training, built on transformers' `higgs_audio_v2` port modules.
+
+Parameter names equal the port's state dict (`model.embed_tokens`, `model.embed_audio_tokens.embed_audio_tokens`,
+`model.layers.N.…`, `model.norm`, `audio_lm_head.weight`, `text_lm_head.weight`), so the port layout is native.
+What differs from the port's forward:
+  * DualFFN routing by index: the residual stream is kept grouped (text rows, then audio rows = audio-in | audio-out
+    frames), so each norm/MLP runs on a contiguous [n, H] slice; attention alone sees sequence order (one gather in,
+    one out, per layer) instead of repeated boolean masked_scatter.
+  * ZeRO-3 lockstep: every module runs on every call; an absent modality is a zero-row input, never a skipped call.
+  * Packed rows: attention stays inside each segment (SDPA with a block mask, or varlen flash attention on CUDA);
+    RoPE uses the batch's position_ids.
+  * Losses are computed inside forward (losses.py) with fused linear+cross-entropy heads that never hold all logits;
+    the text head runs only where a shifted text label exists, the audio head only at labelled audio-out frames.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+from transformers import HiggsAudioV2Config
+from transformers.models.higgs_audio_v2.modeling_higgs_audio_v2 import (
+    HiggsAudioV2Attention,
+    HiggsAudioV2Embeddings,
+    HiggsAudioV2MLP,
+    HiggsAudioV2RMSNorm,
+    HiggsAudioV2RotaryEmbedding,
+)
+from transformers.utils import is_flash_attn_2_available
+
+from .heads import HeadLoss, LinearCrossEntropyHead
+from .losses import IGNORE, LossConfig, LossNorm, loss_means, next_token_targets, objective
+
+try:  # CUDA-only fused kernels; the torch path is the reference.
+    from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+except ImportError:
+    LigerRMSNormFunction = LigerSiLUMulFunction = None
+
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "flash_attention_2")
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+
+
+class HiggsAudioOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 hooks the tensors of a module's output only in tuples,
+    lists and dicts."""
+
+    loss: torch.Tensor  # the objective to backpropagate (already multiplied by LossNorm.grad_scale)
+    text_loss_sum: torch.Tensor  # detached fp32 scalar
+    text_tokens: torch.Tensor  # long scalar: learnable text tokens in this batch
+    audio_loss_sum: torch.Tensor  # detached fp32 [K]
+    audio_tokens: torch.Tensor  # long [K]
+    metrics: dict[str, torch.Tensor]  # this batch's means: loss/text, loss/audio, loss/audio_cb{k}, loss/total
+    # Top-1 predictions next to their labels at a few learnable rows (with return_predictions=True), for logging.
+    text_predictions: torch.Tensor | None = None  # [n]
+    text_labels: torch.Tensor | None = None  # [n]
+    audio_predictions: torch.Tensor | None = None  # [n, K]
+    audio_labels: torch.Tensor | None = None  # [n, K]
+
+
+@dataclass
+class HiggsAudioLogits:
+    text: torch.Tensor  # [B, L, vocab] at every position
+    audio: torch.Tensor  # [N_out, K, codebook_size] at audio-out frames (row-major, == columns of audio_out_ids)
+
+
+# ---------------------------------------------------------------------------------------------------- routing
+
+
+@dataclass
+class Routing:
+    """DualFFN routing by index. The residual stream lives in *grouped* order, [B*L, H] with text rows (padding
+    included) first and audio rows (audio-in | audio-out) after, so norms and MLPs run on contiguous slices; only
+    attention sees the sequence order, one gather in and one out per layer."""
+
+    order: torch.Tensor  # long [B*L]: flat sequence position of each grouped row
+    inverse: torch.Tensor  # long [B*L]: grouped row of each flat sequence position
+    num_text: int
+    shape: tuple[int, int]  # (B, L)
+
+    @classmethod
+    def from_audio_mask(cls, is_audio: torch.Tensor) -> "Routing":
+        flat = is_audio.flatten()
+        order = torch.cat([(~flat).nonzero().squeeze(1), flat.nonzero().squeeze(1)])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return cls(order, inverse, order.numel() - int(flat.sum()), tuple(is_audio.shape))
+
+    def to_grouped(self, sequence: torch.Tensor) -> torch.Tensor:
+        return sequence.flatten(0, 1).index_select(0, self.order)
+
+    def to_sequence(self, grouped: torch.Tensor) -> torch.Tensor:
+        return grouped.index_select(0, self.inverse).view(*self.shape, -1)
+
+
+@dataclass
+class AttentionInputs:
+    """What every layer's attention needs: RoPE cos/sin and either a block mask (SDPA) or varlen flash kwargs."""
+
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    mask: torch.Tensor | None = None  # bool [B, 1, L, L]
+    flash_kwargs: dict = field(default_factory=dict)
+
+
+def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """causal ∧ same segment. Padding is segment 0: real queries never see it, and each padding query sees only
+    padding (itself included), so no row is fully masked and SDPA yields no NaN."""
+    seq_len = segment_ids.shape[1]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=segment_ids.device).tril()
+    return (causal & (segment_ids[:, :, None] == segment_ids[:, None, :]))[:, None]
+
+
+def varlen_flash_kwargs(segment_ids: torch.Tensor) -> dict:
+    """cu_seqlens over the flattened rows: a new sequence starts at every row start and segment change."""
+    flat = segment_ids.flatten()
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[:: segment_ids.shape[1]] = True
+    boundaries = torch.cat([starts.nonzero().squeeze(1), flat.new_tensor([flat.numel()])]).to(torch.int32)
+    max_len = int((boundaries[1:] - boundaries[:-1]).max())
+    return dict(cu_seq_lens_q=boundaries, cu_seq_lens_k=boundaries, max_length_q=max_len, max_length_k=max_len)
+
+
+# ---------------------------------------------------------------------------------------------------- modules
+
+
+class RotaryEmbedding(HiggsAudioV2RotaryEmbedding):
+    """The port's RoPE with inv_freq pinned to fp32: a whole-model bf16 cast (DeepSpeed's `.bfloat16()`) would
+    otherwise round it and shift every angle at long positions."""
+
+    def __init__(self, config: HiggsAudioV2Config):
+        super().__init__(config)
+        self.inv_freq_fp32 = self.inv_freq.float().clone()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.inv_freq_fp32 = self.inv_freq_fp32.to(self.inv_freq.device)
+        self.inv_freq = self.inv_freq_fp32.clone()
+        return self
+
+
+def _liger_rms_norm_forward(self: HiggsAudioV2RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    if not x.is_cuda or x.numel() == 0:  # zero-row slices stay on the torch path (no empty kernel launches)
+        return HiggsAudioV2RMSNorm.forward(self, x)
+    return LigerRMSNormFunction.apply(x, self.weight, self.variance_epsilon, 0.0, "llama", False)
+
+
+def _liger_swiglu_forward(self: HiggsAudioV2MLP, x: torch.Tensor) -> torch.Tensor:
+    if not x.is_cuda or x.numel() == 0:
+        return HiggsAudioV2MLP.forward(self, x)
+    return self.down_proj(LigerSiLUMulFunction.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+class DualFFNDecoderLayer(nn.Module):
+    """Shared attention; separate pre-attention norms, post-attention norms and MLPs for text and audio rows."""
+
+    def __init__(self, config: HiggsAudioV2Config, layer_idx: int):
+        super().__init__()
+        self.self_attn = HiggsAudioV2Attention(config, layer_idx)
+        self.mlp = HiggsAudioV2MLP(config)
+        self.input_layernorm = HiggsAudioV2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = HiggsAudioV2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.audio_mlp = HiggsAudioV2MLP(config)
+        self.audio_input_layernorm = HiggsAudioV2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.audio_post_attention_layernorm = HiggsAudioV2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, grouped: torch.Tensor, routing: Routing, attention: AttentionInputs) -> torch.Tensor:
+        """grouped [B*L, H] in Routing's grouped order -> the same, one layer on."""
+        text, audio = grouped[: routing.num_text], grouped[routing.num_text:]
+        normed = torch.cat([self.input_layernorm(text), self.audio_input_layernorm(audio)])
+        attended, _ = self.self_attn(routing.to_sequence(normed), attention.position_embeddings, attention.mask,
+                                     **attention.flash_kwargs)
+        grouped = grouped + routing.to_grouped(attended)
+        text, audio = grouped[: routing.num_text], grouped[routing.num_text:]
+        return grouped + torch.cat([self.mlp(self.post_attention_layernorm(text)),
+                                    self.audio_mlp(self.audio_post_attention_layernorm(audio))])
+
+
+class HiggsAudioBackbone(nn.Module):
+    """Embeddings, DualFFN layers and the final norm; forward returns final-normed hidden states [B, L, H]."""
+
+    def __init__(self, config: HiggsAudioV2Config):
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.embed_audio_tokens = HiggsAudioV2Embeddings(config)
+        self.layers = nn.ModuleList(DualFFNDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = HiggsAudioV2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    def forward(self, input_ids, position_ids, segment_ids, audio_in_mask, audio_out_mask, audio_in_ids,
+                audio_out_ids) -> torch.Tensor:
+        embeds = self.embed_tokens(input_ids)
+        # One audio-embedding call for audio-in and audio-out frames together: sum over codebooks of row k*V + code.
+        audio_embeds = self.embed_audio_tokens(torch.cat([audio_in_ids, audio_out_ids], dim=1).T)
+        audio_positions = torch.cat([audio_in_mask.flatten().nonzero(), audio_out_mask.flatten().nonzero()]).squeeze(1)
+        hidden = embeds.flatten(0, 1).index_copy(0, audio_positions, audio_embeds.to(embeds.dtype)).view_as(embeds)
+
+        routing = Routing.from_audio_mask(audio_in_mask | audio_out_mask)
+        attention = AttentionInputs(position_embeddings=self.rotary_emb(hidden, position_ids))
+        if self.config._attn_implementation == "flash_attention_2":
+            attention.flash_kwargs = varlen_flash_kwargs(segment_ids)
+        elif not bool((segment_ids == 1).all()):  # one unpadded sample per row needs no mask: SDPA's causal path
+            attention.mask = block_causal_mask(segment_ids)
+        grouped = routing.to_grouped(hidden)
+        for layer in self.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                grouped = checkpoint(layer, grouped, routing, attention, use_reentrant=False)
+            else:
+                grouped = layer(grouped, routing, attention)
+        return routing.to_sequence(self.norm(grouped))
+
+
+class HiggsAudioForTraining(nn.Module):
+    """forward(**batch.model_inputs(), loss_norm=None, return_predictions=False) -> HiggsAudioOutput;
+    logits(**batch.model_inputs()) -> HiggsAudioLogits (parity tests, inference)."""
+
+    def __init__(self, config: HiggsAudioV2Config, loss_config: LossConfig = LossConfig(),
+                 attn_implementation: str = "auto", head_impl: str = "auto"):
+        super().__init__()
+        if config.codebook_size <= max(config.audio_stream_bos_id, config.audio_stream_eos_id):
+            raise ValueError(f"config.codebook_size={config.codebook_size} must include the stream bos/eos ids "
+                             f"{config.audio_stream_bos_id}/{config.audio_stream_eos_id} (1026 for the release)")
+        if attn_implementation == "auto":
+            use_flash = is_flash_attn_2_available() and torch.cuda.is_available()
+            attn_implementation = "flash_attention_2" if use_flash else "sdpa"
+        if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation must be one of {ATTENTION_IMPLEMENTATIONS} or 'auto', "
+                             f"got {attn_implementation!r}")
+        self.config = copy.deepcopy(config)
+        self.config._attn_implementation = attn_implementation
+        self.loss_config = loss_config
+        self.model = HiggsAudioBackbone(self.config)
+        self.audio_lm_head = LinearCrossEntropyHead(config.hidden_size, config.codebook_size,
+                                                    num_heads=config.num_codebooks, impl=head_impl)
+        self.text_lm_head = LinearCrossEntropyHead(config.hidden_size, config.vocab_size, impl=head_impl)
+        if LigerRMSNormFunction is not None and config.hidden_act == "silu":
+            self._bind_liger_kernels()
+
+    def _bind_liger_kernels(self) -> None:
+        # Instance-level forwards: modules are still called as modules, so ZeRO-3 gathers their weights as usual.
+        for module in self.modules():
+            if isinstance(module, HiggsAudioV2RMSNorm):
+                module.forward = _liger_rms_norm_forward.__get__(module)
+            elif isinstance(module, HiggsAudioV2MLP):
+                module.forward = _liger_swiglu_forward.__get__(module)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each decoder layer in backward (non-reentrant torch.utils.checkpoint)."""
+        self.model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.gradient_checkpointing = False
+
+    # ------------------------------------------------------------------------------------------------ forward
+
+    def forward(self, input_ids, attention_mask, position_ids, segment_ids, label_ids, audio_in_mask,
+                audio_out_mask, audio_in_ids, audio_out_ids, audio_out_labels, loss_norm: LossNorm | None = None,
+                return_predictions: bool = False, num_logged: int = 8) -> HiggsAudioOutput:
+        check_batch(self.config, input_ids, attention_mask, position_ids, segment_ids, label_ids, audio_in_mask,
+                    audio_out_mask, audio_in_ids, audio_out_ids, audio_out_labels)
+        hidden = self.model(input_ids, position_ids, segment_ids, audio_in_mask, audio_out_mask, audio_in_ids,
+                            audio_out_ids).flatten(0, 1)
+        targets = next_token_targets(label_ids, segment_ids, audio_out_mask, audio_out_labels)
+        frame_positions = audio_out_mask.flatten().nonzero().squeeze(1)
+        text: HeadLoss = self.text_lm_head(hidden[targets.text_positions], targets.text_labels, return_predictions)
+        audio: HeadLoss = self.audio_lm_head(hidden[frame_positions[targets.audio_frames]], targets.audio_labels,
+                                             return_predictions)
+        text_sum, text_tokens = text.loss_sum[0], text.count[0]
+        loss = objective(text_sum, text_tokens, audio.loss_sum, audio.count, self.loss_config, loss_norm)
+        logged = {}
+        if return_predictions:
+            text_rows = _spread(targets.text_labels.numel(), num_logged, hidden.device)
+            audio_rows = _spread(targets.audio_labels.shape[0], num_logged, hidden.device)
+            logged = dict(text_predictions=text.predictions[text_rows, 0], text_labels=targets.text_labels[text_rows],
+                          audio_predictions=audio.predictions[audio_rows],
+                          audio_labels=targets.audio_labels[audio_rows])
+        return HiggsAudioOutput(
+            loss=loss, text_loss_sum=text_sum.detach(), text_tokens=text_tokens,
+            audio_loss_sum=audio.loss_sum.detach(), audio_tokens=audio.count,
+            metrics=loss_means(text_sum, text_tokens, audio.loss_sum, audio.count, self.loss_config), **logged)
+
+    @torch.no_grad()
+    def logits(self, input_ids, attention_mask, position_ids, segment_ids, audio_in_mask, audio_out_mask,
+               audio_in_ids, audio_out_ids, **unused_labels) -> HiggsAudioLogits:
+        """Full text logits at every position and audio logits at every audio-out frame (materialized)."""
+        hidden = self.model(input_ids, position_ids, segment_ids, audio_in_mask, audio_out_mask, audio_in_ids,
+                            audio_out_ids)
+        audio = self.audio_lm_head(hidden[audio_out_mask])
+        return HiggsAudioLogits(text=self.text_lm_head(hidden.flatten(0, 1)).view(*hidden.shape[:2], -1),
+                                audio=audio.view(-1, self.config.num_codebooks, self.config.codebook_size))
+
+
+def _spread(count: int, wanted: int, device) -> torch.Tensor:
+    """Up to `wanted` row indices spread evenly over `count` rows."""
+    return torch.linspace(0, max(count - 1, 0), min(count, wanted), device=device).round().long()
+
+
+def check_batch(config: HiggsAudioV2Config, input_ids, attention_mask, position_ids, segment_ids, label_ids,
+                audio_in_mask, audio_out_mask, audio_in_ids, audio_out_ids, audio_out_labels) -> None:
+    """Shape and range checks with errors that name the field; bad batches fail here, not deep in a kernel."""
+    shape = tuple(input_ids.shape)
+    for name, value in dict(attention_mask=attention_mask, position_ids=position_ids, segment_ids=segment_ids,
+                            label_ids=label_ids, audio_in_mask=audio_in_mask, audio_out_mask=audio_out_mask).items():
+        if tuple(value.shape) != shape:
+            raise ValueError(f"batch.{name} has shape {tuple(value.shape)}, expected {shape} like input_ids")
+    for name, mask in dict(audio_in_mask=audio_in_mask, audio_out_mask=audio_out_mask).items():
+        if mask.dtype != torch.bool:
+            raise ValueError(f"batch.{name} must be bool, got {mask.dtype}")
+    if (audio_in_mask & audio_out_mask).any():
+        raise ValueError("batch.audio_in_mask and batch.audio_out_mask overlap")
+    if not torch.equal(attention_mask.bool(), segment_ids > 0):
+        raise ValueError("batch.attention_mask must equal segment_ids > 0 (padding is segment 0)")
+    num_codebooks, vocab = config.num_codebooks, config.codebook_size
+    for name, ids, mask in (("audio_in_ids", audio_in_ids, audio_in_mask), ("audio_out_ids", audio_out_ids,
+                                                                           audio_out_mask),
+                            ("audio_out_labels", audio_out_labels, audio_out_mask)):
+        expected = (num_codebooks, int(mask.sum()))
+        if tuple(ids.shape) != expected:
+            raise ValueError(f"batch.{name} has shape {tuple(ids.shape)}, expected {expected} "
+                             f"(num_codebooks, frames in the mask)")
+        low = IGNORE if name == "audio_out_labels" else 0
+        if ids.numel() and (((ids < 0) & (ids != low)) | (ids >= vocab)).any():
+            raise ValueError(f"batch.{name} holds values outside [0, {vocab}) (codebook size incl. stream bos/eos)")
+    if (label_ids[audio_in_mask | audio_out_mask | (segment_ids == 0)] != IGNORE).any():
+        raise ValueError("batch.label_ids must be -100 at audio frames (audio targets live in audio_out_labels) "
+                         "and at padding")
