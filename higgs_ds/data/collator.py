@@ -24,8 +24,24 @@ from .tokens import AudioSettings, SpecialTokens
 LAYOUTS = ("padded", "packed")
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Rows of indices into `lengths` (each <= capacity): longest first, each into the first row with room.
+    The stream plans its packed batches with this same function, so its row counts are the collator's."""
+    free = np.zeros(0, dtype=np.int64)
+    rows: list[list[int]] = []
+    for i in np.argsort(-np.asarray(lengths), kind="stable"):
+        fits = np.flatnonzero(free >= lengths[i])
+        if len(fits):
+            rows[fits[0]].append(int(i))
+            free[fits[0]] -= lengths[i]
+        else:
+            rows.append([int(i)])
+            free = np.append(free, capacity - lengths[i])
+    return rows
 
 
 class Collator:
@@ -80,7 +96,7 @@ class Collator:
 
         # Rows are consecutive runs of the flat sequence, left-aligned: a row-major boolean fill places them.
         row_lengths = np.array([lengths[r].sum() for r in rows])
-        width = _round_up(int(row_lengths.max()), self.round_to)
+        width = round_up(int(row_lengths.max()), self.round_to)
         real = np.arange(width)[None, :] < row_lengths[:, None]
 
         def fill(values, pad, dtype) -> torch.Tensor:
@@ -135,17 +151,7 @@ class Collator:
         for i in np.flatnonzero(lengths > self.pack_length)[:1]:
             _fail(samples[i], "input_ids + audio_codes", f"{lengths[i]} tokens once expanded, more than "
                                                          f"pack_length={self.pack_length}")
-        free = np.zeros(0, dtype=np.int64)
-        rows: list[list[int]] = []
-        for i in np.argsort(-lengths, kind="stable"):
-            fits = np.flatnonzero(free >= lengths[i])
-            if len(fits):
-                rows[fits[0]].append(int(i))
-                free[fits[0]] -= lengths[i]
-            else:
-                rows.append([int(i)])
-                free = np.append(free, self.pack_length - lengths[i])
-        return rows
+        return first_fit_decreasing(lengths, self.pack_length)
 
     def _check_shapes(self, sample: TokenizedSample) -> None:
         ids, labels, k = sample.input_ids, sample.label_ids, self.audio.num_codebooks

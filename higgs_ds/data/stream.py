@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .batch import Batch
+from .collator import first_fit_decreasing, round_up
 from .sample import TokenizedSample
 from .shards import IGNORE, Manifest, ShardError, check_fingerprint, decode_sample, read_shard
 
@@ -62,12 +63,12 @@ class Budget:
     @property
     def row_width(self) -> int:
         """Widest row the collator can produce in the packed layout."""
-        return _round_up(self.pack_length, self.round_to)
+        return round_up(self.pack_length, self.round_to)
 
     def fits_alone(self, length: int) -> bool:
         if self.layout == "packed":
             return length <= self.pack_length
-        return self.max_tokens is None or _round_up(length, self.round_to) <= self.max_tokens
+        return self.max_tokens is None or round_up(length, self.round_to) <= self.max_tokens
 
     def cut(self, lengths: np.ndarray) -> tuple[list[np.ndarray], int]:
         """Consecutive batches (index arrays into `lengths`) and the number of samples left out as too long."""
@@ -95,11 +96,7 @@ class Budget:
             return count < self.batch_size
         if rows is not None:
             return rows.fit(length, self.max_tokens // self.row_width)
-        return (count + 1) * _round_up(max(longest, length), self.round_to) <= self.max_tokens
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+        return (count + 1) * round_up(max(longest, length), self.round_to) <= self.max_tokens
 
 
 class _PackedRows:
@@ -120,15 +117,7 @@ class _PackedRows:
             return True
         if -(-total // self.pack_length) > max_rows:
             return False
-        free: list[int] = []
-        for item in sorted(self.lengths + [length], reverse=True):
-            for row, space in enumerate(free):
-                if space >= item:
-                    free[row] -= item
-                    break
-            else:
-                free.append(self.pack_length - item)
-        return len(free) <= max_rows
+        return len(first_fit_decreasing(np.array(self.lengths + [length]), self.pack_length)) <= max_rows
 
 
 @dataclass
