@@ -8,7 +8,8 @@ in the user turn) in a temporary folder, shards it with data_tools.build_shards,
   ours/collate  our Collator alone on the decoded samples (in memory, like upstream)
   upstream      HiggsAudioSampleCollator alone, and + merge_input_ids_with_audio_features (the expansion upstream
                 does in the model), in the reference venv (.venv-ref; reference/setup_ref_venv.sh) as a subprocess
-and the padding efficiency (real tokens / batch positions) of pad-to-longest vs packed rows. One thread each.
+and the padding efficiency (real tokens / batch positions) of token-budget batches, pad-to-longest vs packed
+rows. One thread each.
 """
 from __future__ import annotations
 
@@ -102,12 +103,16 @@ def main() -> None:
              "--batch-size", str(args.batch_size), "--repeats", str(args.repeats)],
             check=True, cwd=ROOT, capture_output=True, text=True).stdout.strip().splitlines()[-1])
 
+        # Padding efficiency of the training default, token-budget batches from the stream, in both layouts.
         packed = Collator(tokens, audio, layout="packed", pack_length=args.pack_length)
-        real_padded = total_padded = real_packed = total_packed = 0
-        for b in batches:
-            pb, kb = padded(b), packed(b)
-            real_padded, total_padded = real_padded + pb.num_tokens, total_padded + pb.attention_mask.numel()
-            real_packed, total_packed = real_packed + kb.num_tokens, total_packed + kb.attention_mask.numel()
+        efficiency = {}
+        for name, collator in (("pad-to-longest", padded), (f"packed rows of {args.pack_length}", packed)):
+            budgeted = ShardLoader(folder / "shards/train", collator, max_tokens=4 * args.pack_length, seed=0,
+                                   rank=0, world_size=1)
+            real = total = 0
+            for b in budgeted:
+                real, total = real + b.num_tokens, total + b.attention_mask.numel()
+            efficiency[name] = real / total
 
     ours = {"shard→batch (read+decode+collate+expand)": n_stream / t_stream,
             "collate+expand (in memory)": len(samples) / t_collate}
@@ -125,8 +130,8 @@ def main() -> None:
                        ("shard→batch (read+decode+collate+expand)", "collate (in memory, no expansion)"),
                        ("collate+expand (in memory)", "collate+expand (in memory)")):
         print(f"ratio    ours {mine} / upstream {base}: {ours[mine] / theirs[base]:.2f}x")
-    print(f"padding efficiency: pad-to-longest {real_padded / total_padded:.3f}, "
-          f"packed ({args.pack_length}) {real_packed / total_packed:.3f}")
+    print(f"padding efficiency (real tokens / positions, token-budget batches of {4 * args.pack_length}): "
+          + ", ".join(f"{name} {value:.3f}" for name, value in efficiency.items()))
 
 
 def _decoded_batches(stream: ShardLoader, batch_size: int):
