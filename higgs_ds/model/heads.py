@@ -1,0 +1,254 @@
+"""Linear + cross-entropy heads that never hold all logits (text 128256-way, audio 8 codebooks × 1026-way).
+
+`LinearCrossEntropyHead` owns its weight (so ZeRO-3 gathers it around this module's forward) and returns per-head
+token-CE *sums* and counts; the caller normalises by global counts (DESIGN §4).
+
+Implementations (`impl`):
+- "materialized": the plain reference: fp32 logits for all rows, F.cross_entropy(reduction="sum") per head.
+- "chunked": `_FusedLinearCrossEntropy`, pure PyTorch, `chunk_tokens` rows at a time (fp32 logits, loss, argmax
+  and d loss/d logits = softmax − onehot per chunk). Gradient timing:
+  * one head: gradients are computed in forward (unit scale) and multiplied by grad_output in backward. Three
+    matmuls per chunk, like the materialized path, and backward never needs the weight again.
+  * several heads: backward recomputes the chunk logits and scales each head by its own grad_output. Storing
+    forward-time grads would need a [num_heads, N, hidden] grad_hidden (one per head, since each head gets its
+    own scale) — more memory than the 8×1026 logits themselves; recompute costs one extra, narrow matmul.
+  Matmuls run in the input dtype; softmax, loss and the weight-gradient accumulator are fp32. Memory beyond one
+  chunk: the fp32 weight gradient (the tensor autograd adds into .grad; the materialized path makes the same one).
+- "liger": Liger's fused kernel per head, on CUDA when `liger_kernel` imports; otherwise "chunked". Calls asking
+  for predictions, or with zero rows, use "chunked" (Liger returns no argmax; zero-row launches are not its
+  contract).
+- "auto": "liger" where it applies, else "chunked".
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # optional, CUDA-only
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+except ImportError:
+    liger_fused_linear_cross_entropy = None
+
+IGNORE_INDEX = -100
+IMPLS = ("auto", "chunked", "liger", "materialized")
+# Rows per chunk. Each chunk streams the whole weight through its matmuls, so small chunks pay that again and again:
+# on CPU, 256-row text chunks ran 1.1-1.2× the materialized time, 512 and 1024 rows 0.93-1.03× (RESULTS.md).
+# One fp32 chunk of the 128256-way text head is then 250 MiB.
+DEFAULT_CHUNK_TOKENS = 512
+
+
+class HeadLoss(NamedTuple):
+    """A NamedTuple (not a dataclass) so DeepSpeed ZeRO-3 sees its tensors and re-gathers the weight for backward."""
+
+    loss_sum: torch.Tensor  # fp32 [num_heads]: summed token CE over non-ignored targets (differentiable)
+    count: torch.Tensor  # long [num_heads]: non-ignored targets per head
+    predictions: torch.Tensor | None  # long [N, num_heads]: argmax per row, when asked for
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation that actually runs for `impl` on `device`."""
+    if impl in ("auto", "liger"):
+        return "liger" if liger_fused_linear_cross_entropy is not None and device.type == "cuda" else "chunked"
+    return impl
+
+
+def _chunk_step(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    grad_scale: torch.Tensor | None,
+    grad_weight: torch.Tensor | None,
+    want_grad_hidden: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Loss sum [heads] and argmax [rows, heads] of one chunk. With `grad_scale` [heads], also d(Σ_k scale_k·loss_k):
+    added into `grad_weight` (fp32) and returned for the chunk's hidden rows when `want_grad_hidden`."""
+    rows, heads = targets.shape
+    logits = (hidden @ weight.T).float().view(rows, heads, -1)
+    row_max, predictions = logits.max(dim=-1)
+    valid = targets != IGNORE_INDEX
+    safe_targets = torch.where(valid, targets, 0).unsqueeze(-1)
+    target_logit = logits.gather(-1, safe_targets).squeeze(-1)
+    exp_logits = logits.sub_(row_max.unsqueeze(-1)).exp_()  # in place: the chunk's only [rows, heads*V] buffer
+    sum_exp = exp_logits.sum(dim=-1)
+    loss = torch.where(valid, row_max + sum_exp.log() - target_logit, 0.0).sum(dim=0)
+    if grad_scale is None:
+        return loss, predictions, None
+
+    # d loss/d logits = softmax − onehot on valid rows (ignored rows get 0), times the head's scale.
+    scale = valid * grad_scale
+    grad_logits = exp_logits.mul_((scale / sum_exp).unsqueeze(-1))
+    grad_logits.scatter_add_(-1, safe_targets, -scale.unsqueeze(-1))
+    grad_logits = grad_logits.view(rows, -1)
+    if grad_weight is not None:
+        grad_weight.addmm_(grad_logits.T, hidden.float())
+    grad_hidden = grad_logits.to(weight.dtype) @ weight if want_grad_hidden else None
+    return loss, predictions, grad_hidden
+
+
+def _chunked_pass(hidden, weight, targets, chunk_tokens, grad_scale, want_grad_hidden, want_grad_weight):
+    """Runs `_chunk_step` over all rows; returns (loss_sum, predictions, grad_hidden, grad_weight)."""
+    num_rows, heads = targets.shape
+    loss_sum = torch.zeros(heads, dtype=torch.float32, device=hidden.device)
+    predictions = torch.empty(num_rows, heads, dtype=torch.long, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if want_grad_hidden else None
+    # fp32 accumulator; zeros even when num_rows == 0 so the weight still gets its (zero) grad.
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad_weight else None
+    for start in range(0, num_rows, chunk_tokens):
+        rows = slice(start, start + chunk_tokens)
+        loss, predictions[rows], grad_rows = _chunk_step(
+            hidden[rows], weight, targets[rows], grad_scale, grad_weight, want_grad_hidden
+        )
+        loss_sum += loss
+        if grad_rows is not None:
+            grad_hidden[rows] = grad_rows
+    return loss_sum, predictions, grad_hidden, grad_weight
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """(hidden [N, H], weight [heads*V, H], targets [N, heads]) -> (loss_sum [heads], predictions [N, heads])."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_tokens: int, grad_enabled: bool):
+        heads = targets.shape[1]
+        ctx.chunk_tokens = chunk_tokens
+        ctx.eager = heads == 1
+        ctx.weight_dtype = weight.dtype
+        want_hidden, want_weight = (grad_enabled and need for need in ctx.needs_input_grad[:2])
+        if ctx.eager and (want_hidden or want_weight):
+            unit = torch.ones(1, dtype=torch.float32, device=hidden.device)
+            loss_sum, predictions, ctx.grad_hidden, ctx.grad_weight = _chunked_pass(
+                hidden, weight, targets, chunk_tokens, unit, want_hidden, want_weight
+            )
+            ctx.grads_ready = True
+        else:
+            loss_sum, predictions, _, _ = _chunked_pass(hidden, weight, targets, chunk_tokens, None, False, False)
+            ctx.grads_ready = False
+            ctx.save_for_backward(hidden, weight, targets)
+        ctx.mark_non_differentiable(predictions)
+        return loss_sum, predictions
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_predictions):
+        if ctx.eager:
+            if not ctx.grads_ready:
+                raise RuntimeError("LinearCrossEntropyHead: backward through the same forward twice is not supported")
+            # Hand the forward-time buffers over, scaled in place, so the graph does not keep them alive.
+            grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
+            ctx.grad_hidden = ctx.grad_weight = None
+            ctx.grads_ready = False
+            for grad in (grad_hidden, grad_weight):
+                if grad is not None:
+                    grad.mul_(grad_loss)
+        else:
+            hidden, weight, targets = ctx.saved_tensors
+            _, _, grad_hidden, grad_weight = _chunked_pass(
+                hidden, weight, targets, ctx.chunk_tokens, grad_loss.float(), *ctx.needs_input_grad[:2]
+            )
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+class LinearCrossEntropyHead(nn.Module):
+    """A bias-free linear head (weight [num_heads*vocab_size, hidden_size]) that owns its weight, so ZeRO-3 gathers it
+    around forward. forward(hidden) -> logits [..., num_heads*vocab_size]; forward(hidden, targets) -> HeadLoss
+    without ever holding all logits (unless impl="materialized")."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        vocab_size: int,
+        num_heads: int = 1,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        impl: str = "auto",
+    ):
+        super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"LinearCrossEntropyHead: impl must be one of {IMPLS}, got {impl!r}")
+        if chunk_tokens < 1:
+            raise ValueError(f"LinearCrossEntropyHead: chunk_tokens must be >= 1, got {chunk_tokens}")
+        self.hidden_size, self.vocab_size, self.num_heads = hidden_size, vocab_size, num_heads
+        self.chunk_tokens, self.impl = chunk_tokens, impl
+        self.weight = nn.Parameter(torch.empty(num_heads * vocab_size, hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # as nn.Linear
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, vocab_size={self.vocab_size}, num_heads={self.num_heads}, "
+            f"chunk_tokens={self.chunk_tokens}, impl={self.impl!r}"
+        )
+
+    def forward(
+        self, hidden: torch.Tensor, targets: torch.Tensor | None = None, return_predictions: bool = False
+    ) -> torch.Tensor | HeadLoss:
+        """hidden [N, H]; targets long [N] (num_heads == 1) or [N, num_heads], -100 = ignored."""
+        if targets is None:
+            return F.linear(hidden, self.weight)
+        targets = self._check(hidden, targets)
+        count = (targets != IGNORE_INDEX).sum(dim=0)
+        impl = resolve_impl(self.impl, hidden.device)
+        if impl == "liger" and (return_predictions or hidden.shape[0] == 0):
+            impl = "chunked"
+        if impl == "materialized":
+            loss_sum, predictions = self._materialized(hidden, targets)
+        elif impl == "liger":
+            loss_sum, predictions = self._liger(hidden, targets), None
+        else:
+            loss_sum, predictions = _FusedLinearCrossEntropy.apply(
+                hidden, self.weight, targets, self.chunk_tokens, torch.is_grad_enabled()
+            )
+        return HeadLoss(loss_sum, count, predictions if return_predictions else None)
+
+    def _check(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Validates shapes/dtypes/ranges; returns targets as [N, num_heads]."""
+        name = f"LinearCrossEntropyHead(vocab_size={self.vocab_size}, num_heads={self.num_heads})"
+        if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size:
+            raise ValueError(f"{name}: hidden must be [N, {self.hidden_size}], got {list(hidden.shape)}")
+        if hidden.dtype != self.weight.dtype:
+            raise ValueError(f"{name}: hidden dtype {hidden.dtype} != weight dtype {self.weight.dtype}")
+        num_rows = hidden.shape[0]
+        expected = [(num_rows,), (num_rows, 1)] if self.num_heads == 1 else [(num_rows, self.num_heads)]
+        if targets.dtype != torch.long or tuple(targets.shape) not in expected:
+            raise ValueError(
+                f"{name}: targets must be torch.long of shape {' or '.join(map(str, expected))}, "
+                f"got {targets.dtype} {tuple(targets.shape)}"
+            )
+        targets = targets.view(num_rows, self.num_heads)
+        bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= self.vocab_size))
+        if bad.any():
+            row, head = bad.nonzero()[0].tolist()
+            raise ValueError(
+                f"{name}: targets[{row}, head {head}] = {targets[row, head].item()}; "
+                f"expected {IGNORE_INDEX} or 0..{self.vocab_size - 1}"
+            )
+        return targets
+
+    def _materialized(self, hidden, targets):
+        # Matmul in the input dtype, loss in fp32: the same numerics as a chunk, without an fp32 copy of the weight.
+        logits = (hidden @ self.weight.T).float().view(hidden.shape[0], self.num_heads, self.vocab_size)
+        loss_sum = torch.stack(
+            [
+                F.cross_entropy(logits[:, k], targets[:, k], ignore_index=IGNORE_INDEX, reduction="sum")
+                for k in range(self.num_heads)
+            ]
+        )
+        return loss_sum, logits.argmax(dim=-1)
+
+    def _liger(self, hidden, targets):
+        vocab = self.vocab_size
+        return torch.stack(
+            [
+                liger_fused_linear_cross_entropy(
+                    hidden, self.weight[k * vocab : (k + 1) * vocab], targets[:, k].contiguous(),
+                    ignore_index=IGNORE_INDEX, reduction="sum",
+                ).float()
+                for k in range(self.num_heads)
+            ]
+        )
