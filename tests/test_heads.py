@@ -62,8 +62,11 @@ def run_head(impl, weight, hidden, targets, head_weights, chunk_tokens=512, sque
 
 @pytest.mark.parametrize("impl", ["chunked", "materialized"])
 @pytest.mark.parametrize("shape", [TEXT, AUDIO], ids=["text", "audio8"])
-def test_matches_reference_fp32(impl, shape):
+@pytest.mark.parametrize("same_scale", [True, False], ids=["one_scale", "per_head_scales"])
+def test_matches_reference_fp32(impl, shape, same_scale):
     weight, hidden, targets, head_weights = make_case(37, **shape)
+    if same_scale:  # forward-time grad_hidden is scaled; per-head scales make the 8-head backward recompute it
+        head_weights = torch.full_like(head_weights, 0.7)
     ref_loss, ref_count, ref_pred, ref_grad_hidden, ref_grad_weight = reference(weight, hidden, targets, head_weights)
     # 37 rows in chunks of 8: the last chunk is partial.
     out, grad_hidden, grad_weight = run_head(

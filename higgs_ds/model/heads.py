@@ -5,15 +5,12 @@ token-CE *sums* and counts; the caller normalises by global counts (DESIGN §4).
 
 Implementations (`impl`):
 - "materialized": the plain reference: fp32 logits for all rows, F.cross_entropy(reduction="sum") per head.
-- "chunked": `_FusedLinearCrossEntropy`, pure PyTorch, `chunk_tokens` rows at a time (fp32 logits, loss, argmax
-  and d loss/d logits = softmax − onehot per chunk). Gradient timing:
-  * one head: gradients are computed in forward (unit scale) and multiplied by grad_output in backward. Three
-    matmuls per chunk, like the materialized path, and backward never needs the weight again.
-  * several heads: backward recomputes the chunk logits and scales each head by its own grad_output. Storing
-    forward-time grads would need a [num_heads, N, hidden] grad_hidden (one per head, since each head gets its
-    own scale) — more memory than the 8×1026 logits themselves; recompute costs one extra, narrow matmul.
-  Matmuls run in the input dtype; softmax, loss and the weight-gradient accumulator are fp32. Memory beyond one
-  chunk: the fp32 weight gradient (the tensor autograd adds into .grad; the materialized path makes the same one).
+- "chunked": `_FusedLinearCrossEntropy`, pure PyTorch, `chunk_tokens` rows at a time: fp32 logits, loss, argmax
+  and d loss/d logits = softmax − onehot per chunk. Gradients are computed in forward and scaled by grad_output in
+  backward: three matmuls per chunk, as in the materialized path, and backward does not need the weight again —
+  except when the heads get different grad_outputs (see the class). Matmuls run in the input dtype; softmax, loss
+  and the weight-gradient accumulator are fp32. Memory beyond one chunk: the fp32 weight gradient (the tensor
+  autograd adds into .grad; the materialized path makes the same one) and grad_hidden, held from forward to backward.
 - "liger": Liger's fused kernel per head, on CUDA when `liger_kernel` imports; otherwise "chunked". Calls asking
   for predictions, or with zero rows, use "chunked" (Liger returns no argmax; zero-row launches are not its
   contract).
@@ -36,8 +33,8 @@ except ImportError:
 IGNORE_INDEX = -100
 IMPLS = ("auto", "chunked", "liger", "materialized")
 # Rows per chunk. Each chunk streams the whole weight through its matmuls, so small chunks pay that again and again:
-# on CPU, 256-row text chunks ran 1.1-1.2× the materialized time, 512 and 1024 rows 0.93-1.03× (RESULTS.md).
-# One fp32 chunk of the 128256-way text head is then 250 MiB.
+# on CPU, 256-row text chunks ran 1.1-1.2× the materialized time, 512 and 1024 rows 0.93-1.03× (benchmarks/
+# RESULTS.md). One fp32 chunk of the 128256-way text head is then 250 MiB.
 DEFAULT_CHUNK_TOKENS = 512
 
 
@@ -109,47 +106,47 @@ def _chunked_pass(hidden, weight, targets, chunk_tokens, grad_scale, want_grad_h
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """(hidden [N, H], weight [heads*V, H], targets [N, heads]) -> (loss_sum [heads], predictions [N, heads])."""
+    """(hidden [N, H], weight [heads*V, H], targets [N, heads]) -> (loss_sum [heads], predictions [N, heads]).
+
+    Gradients are computed in forward for unit scales and scaled by grad_output in backward (three matmuls per
+    chunk, as in the materialized path). grad_weight scales per head block, exactly. grad_hidden sums all heads, so
+    it only scales when every head gets the same grad_output (always for one head; for the audio head when the
+    codebook terms are weighted alike); otherwise backward recomputes it with per-head scales (two more matmuls)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_tokens: int, grad_enabled: bool):
-        heads = targets.shape[1]
-        ctx.chunk_tokens = chunk_tokens
-        ctx.eager = heads == 1
-        ctx.weight_dtype = weight.dtype
         want_hidden, want_weight = (grad_enabled and need for need in ctx.needs_input_grad[:2])
-        if ctx.eager and (want_hidden or want_weight):
-            unit = torch.ones(1, dtype=torch.float32, device=hidden.device)
-            loss_sum, predictions, ctx.grad_hidden, ctx.grad_weight = _chunked_pass(
-                hidden, weight, targets, chunk_tokens, unit, want_hidden, want_weight
-            )
-            ctx.grads_ready = True
-        else:
-            loss_sum, predictions, _, _ = _chunked_pass(hidden, weight, targets, chunk_tokens, None, False, False)
-            ctx.grads_ready = False
-            ctx.save_for_backward(hidden, weight, targets)
+        unit = torch.ones(targets.shape[1], device=hidden.device) if want_hidden or want_weight else None
+        loss_sum, predictions, ctx.grad_hidden, ctx.grad_weight = _chunked_pass(
+            hidden, weight, targets, chunk_tokens, unit, want_hidden, want_weight
+        )
+        ctx.grads_ready, ctx.chunk_tokens, ctx.weight_dtype = unit is not None, chunk_tokens, weight.dtype
+        if targets.shape[1] > 1:
+            ctx.save_for_backward(hidden, weight, targets)  # for a recompute with per-head scales
         ctx.mark_non_differentiable(predictions)
         return loss_sum, predictions
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_predictions):
-        if ctx.eager:
-            if not ctx.grads_ready:
-                raise RuntimeError("LinearCrossEntropyHead: backward through the same forward twice is not supported")
-            # Hand the forward-time buffers over, scaled in place, so the graph does not keep them alive.
-            grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
-            ctx.grad_hidden = ctx.grad_weight = None
-            ctx.grads_ready = False
-            for grad in (grad_hidden, grad_weight):
-                if grad is not None:
-                    grad.mul_(grad_loss)
-        else:
-            hidden, weight, targets = ctx.saved_tensors
-            _, _, grad_hidden, grad_weight = _chunked_pass(
-                hidden, weight, targets, ctx.chunk_tokens, grad_loss.float(), *ctx.needs_input_grad[:2]
-            )
+        if not ctx.grads_ready:
+            raise RuntimeError("LinearCrossEntropyHead: backward through the same forward twice is not supported")
+        # Take the forward-time buffers (scaled in place below) so the graph does not keep them alive.
+        grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
+        ctx.grad_hidden = ctx.grad_weight = None
+        ctx.grads_ready = False
+        heads = grad_loss.shape[0]
         if grad_weight is not None:
+            grad_weight.view(heads, -1).mul_(grad_loss.view(heads, 1))
             grad_weight = grad_weight.to(ctx.weight_dtype)
+        if grad_hidden is not None:
+            if bool((grad_loss == grad_loss[0]).all()):
+                grad_hidden.mul_(grad_loss[0])
+            else:
+                del grad_hidden  # free it before the recompute allocates its replacement
+                hidden, weight, targets = ctx.saved_tensors
+                _, _, grad_hidden, _ = _chunked_pass(
+                    hidden, weight, targets, ctx.chunk_tokens, grad_loss.float(), True, False
+                )
         return grad_hidden, grad_weight, None, None, None
 
 
