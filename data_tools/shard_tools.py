@@ -225,8 +225,9 @@ def validate_shard(path: Path, manifest: Manifest | None, tokens: SpecialTokens,
                 problems.append(f"{path.name}: key {raw['__key__']!r}: sample key {sample.key!r} also in "
                                 f"{seen_keys[sample.key]}")
             seen_keys[sample.key] = f"{path.name} key {raw['__key__']!r}"
-            counts.update(sample_counts(sample, tokens, audio))
-            lengths.append(sample.num_expanded_tokens(audio))
+            sample_count = sample_counts(sample, tokens, audio)
+            counts.update(sample_count)
+            lengths.append(sample_count["expanded_tokens"])
     except ShardError as exc:
         problems.append(str(exc))
         clean = False

@@ -150,7 +150,7 @@ def tokenize_chatml(sample: Mapping, tokenizer, tokens: SpecialTokens, key: str 
         emit(encode("<|eom_id|>" if role == "assistant" and next_is_assistant else "<|eot_id|>"), trained)
 
     ids = np.asarray(input_ids, dtype=np.int32)
-    found = int(np.isin(ids, list(placeholders)).sum())
+    found = int(tokens.is_placeholder(ids).sum())
     if found != len(audio):  # e.g. a role or recipient spelling a placeholder, or a tokenizer without them
         fail("messages", f"{found} <|AUDIO|>/<|AUDIO_OUT|> placeholders in the tokens but {len(audio)} audio items")
     return ChatMLTokens(input_ids=ids, label_ids=np.asarray(label_ids, dtype=np.int32), audio=audio,

@@ -63,11 +63,14 @@ class Collator:
         self.tokens, self.audio, self.layout = tokens, audio, layout
         self.round_to, self.pack_length = round_to, pack_length
 
-    def __call__(self, samples: Sequence[TokenizedSample]) -> Batch:
+    def __call__(self, samples: Sequence[TokenizedSample], *, check: bool = True) -> Batch:
+        """`check=False` skips the sample validation, for callers whose samples were validated already
+        (the stream's `decode_sample` checks the same things)."""
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
-        for sample in samples:
-            self._check_shapes(sample)
+        if check:
+            for sample in samples:
+                self._check_shapes(sample)
         lengths = np.array([s.num_expanded_tokens(self.audio) for s in samples])
         rows = self._pack(samples, lengths) if self.layout == "packed" else [[i] for i in range(len(samples))]
         order = [i for row in rows for i in row]
@@ -76,9 +79,10 @@ class Collator:
         # Segments in placement order == row-major order of the audio masks.
         ids = np.concatenate([s.input_ids for s in placed]).astype(np.int64)
         labels = np.concatenate([s.label_ids for s in placed]).astype(np.int64)
-        is_placeholder = (ids == self.tokens.audio_in) | (ids == self.tokens.audio_out)
+        is_placeholder = self.tokens.is_placeholder(ids)
         codes = [c for s in placed for c in s.audio_codes]
-        self._check_contents(placed, is_placeholder, codes)
+        if check:
+            self._check_contents(placed, is_placeholder, codes)
         seg_is_out = ids[is_placeholder] == self.tokens.audio_out
         seg_trained = labels[is_placeholder] >= 0  # upstream: the <|AUDIO_OUT|> text label decides
         in_ids, _ = self._streams([c for c, out in zip(codes, seg_is_out) if not out], None)

@@ -22,7 +22,7 @@ class TokenizedSample:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def placeholder_positions(self, tokens: SpecialTokens) -> np.ndarray:
-        return np.flatnonzero((self.input_ids == tokens.audio_in) | (self.input_ids == tokens.audio_out))
+        return np.flatnonzero(tokens.is_placeholder(self.input_ids))
 
     def num_expanded_tokens(self, audio: AudioSettings) -> int:
         """Sequence length after each placeholder is replaced by its segment's frames."""

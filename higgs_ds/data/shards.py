@@ -29,13 +29,13 @@ import numpy as np
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from .chatml import IGNORE
 from .sample import TokenizedSample
 from .tokens import AudioSettings, SpecialTokens
 
 FORMAT = "higgs-ds-shards/1"
 MANIFEST = "manifest.json"
 FIELDS = ("input_ids.npy", "label_ids.npy", "audio_codes.npy", "audio_lengths.npy", "meta.json")
-IGNORE = -100
 COUNTS = ("samples", "text_tokens", "audio_frames", "learnable_text_tokens", "learnable_audio_tokens",
           "expanded_tokens")
 
@@ -133,7 +133,7 @@ def decode_sample(raw: Mapping[str, Any], tokens: SpecialTokens, audio: AudioSet
                                   f"{codes.shape[1]} code columns of audio_codes")
     if codes.size and (codes.min() < 0 or codes.max() >= audio.codebook_size):
         fail("audio_codes.npy", f"codes span [{codes.min()}, {codes.max()}], expected [0, {audio.codebook_size})")
-    placeholders = int(np.isin(ids, (tokens.audio_in, tokens.audio_out)).sum())
+    placeholders = int(tokens.is_placeholder(ids).sum())
     if placeholders != len(lengths):
         fail("input_ids.npy", f"{placeholders} <|AUDIO|>/<|AUDIO_OUT|> placeholders but {len(lengths)} audio "
                               "segments")
@@ -145,7 +145,7 @@ def decode_sample(raw: Mapping[str, Any], tokens: SpecialTokens, audio: AudioSet
 def sample_counts(sample: TokenizedSample, tokens: SpecialTokens, audio: AudioSettings) -> dict[str, int]:
     """The manifest's per-sample counts. Learnable audio tokens count label entries: a trained segment of T
     frames has num_codebooks × (T + 1) of them (its codes and one stream eos per codebook, DESIGN §3)."""
-    is_placeholder = np.isin(sample.input_ids, (tokens.audio_in, tokens.audio_out))
+    is_placeholder = tokens.is_placeholder(sample.input_ids)
     segment_trained = sample.label_ids[is_placeholder] != IGNORE
     segment_out = sample.input_ids[is_placeholder] == tokens.audio_out
     frames = np.array([c.shape[1] for c in sample.audio_codes], dtype=np.int64)

@@ -252,8 +252,8 @@ class _RankEpoch(IterableDataset):
                 samples = [got.pop(sid) for sid in batches[emitted].tolist() if sid in got]
                 batch = None
                 try:
-                    batch = self.collator(samples) if samples else None
-                except ValueError as exc:  # decode_sample checks what the collator checks; this is a backstop
+                    batch = self.collator(samples, check=False) if samples else None
+                except ValueError as exc:  # decode_sample validated every sample; this is a backstop
                     report.add("corrupt_samples", len(samples), f"collator rejected a batch: {exc}")
                 if batch is None:
                     report.add("blank_batches", 1, "a batch lost every sample: sending a blank batch instead")
@@ -290,9 +290,10 @@ class _RankEpoch(IterableDataset):
                     todo.discard(sid)
                     try:
                         sample = decode_sample(raw, self.tokens, self.audio)
-                        if sample.num_expanded_tokens(self.audio) != self.lengths[sid]:
-                            raise ShardError(f"{info.name}: key {key!r}: {sample.num_expanded_tokens(self.audio)} "
-                                             f"expanded tokens, the lengths sidecar says {self.lengths[sid]}")
+                        length = sample.num_expanded_tokens(self.audio)
+                        if length != self.lengths[sid]:
+                            raise ShardError(f"{info.name}: key {key!r}: {length} expanded tokens, the lengths "
+                                             f"sidecar says {self.lengths[sid]}")
                         got[sid] = sample
                     except ShardError as exc:
                         report.add("corrupt_samples", 1, str(exc))

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+
 TOKEN_NAMES = {
     "begin_of_text": "<|begin_of_text|>",
     "end_of_text": "<|end_of_text|>",
@@ -50,6 +52,10 @@ class SpecialTokens:
         ids["pad"] = int(pad_token_id) if pad_token_id is not None else ids["end_of_text"]
         return cls(**ids)
 
+    def is_placeholder(self, ids: np.ndarray) -> np.ndarray:
+        """Where `ids` holds an <|AUDIO|> or <|AUDIO_OUT|> placeholder (one per audio segment)."""
+        return (ids == self.audio_in) | (ids == self.audio_out)
+
 
 @dataclass(frozen=True)
 class AudioSettings:
@@ -60,10 +66,6 @@ class AudioSettings:
     stream_bos_id: int = 1024
     stream_eos_id: int = 1025
     use_delay_pattern: bool = True
-
-    @property
-    def vocab_per_codebook(self) -> int:
-        return self.codebook_size + 2
 
     def frames(self, num_codes: int) -> int:
         """Sequence positions one segment of `num_codes` frames occupies (bos + codes + eos [+ delay])."""
