@@ -20,9 +20,11 @@ from pathlib import Path
 import torch
 from transformers import HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from higgs_ds.data.batch import Batch  # noqa: E402
 from higgs_ds.model import HiggsAudioForTraining  # noqa: E402
+from model_helpers import port_inputs  # noqa: E402  - the same port feed the parity tests check
 
 
 def bench_config() -> HiggsAudioV2Config:
@@ -54,21 +56,6 @@ def tts_batch(config: HiggsAudioV2Config, rows: int, length: int, generator: tor
                                                                                                  dtype=torch.int32),
                  label_ids=label_ids, audio_in_mask=kinds == 1, audio_out_mask=kinds == 2, audio_in_ids=audio_in_ids,
                  audio_out_ids=audio_out_ids, audio_out_labels=audio_out_labels)
-
-
-def port_inputs(batch: Batch, config: HiggsAudioV2Config) -> dict[str, torch.Tensor]:
-    """Every audio frame is a placeholder; codes/labels per row in position order (audio_labels -100 at audio-in)."""
-    rows = batch.input_ids.shape[0]
-    is_audio = batch.audio_in_mask | batch.audio_out_mask
-    k = batch.audio_in_ids.shape[0]
-    codes = torch.zeros(*is_audio.shape, k, dtype=torch.long)
-    labels = torch.full((*is_audio.shape, k), -100)
-    codes[batch.audio_in_mask], codes[batch.audio_out_mask] = batch.audio_in_ids.T, batch.audio_out_ids.T
-    labels[batch.audio_out_mask] = batch.audio_out_labels.T
-    return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids, audio_input_ids=codes[is_audio].view(rows, -1, k),
-                audio_input_ids_mask=torch.ones(rows, int(is_audio[0].sum()), dtype=torch.bool),
-                labels=batch.label_ids, audio_labels=labels[is_audio].view(rows, -1, k))
 
 
 def time_steps(step, steps: int) -> tuple[float, float]:

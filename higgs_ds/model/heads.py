@@ -139,7 +139,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_weight.view(heads, -1).mul_(grad_loss.view(heads, 1))
             grad_weight = grad_weight.to(ctx.weight_dtype)
         if grad_hidden is not None:
-            if bool((grad_loss == grad_loss[0]).all()):
+            if heads == 1 or bool((grad_loss == grad_loss[0]).all()):  # one head: no device sync
                 grad_hidden.mul_(grad_loss[0])
             else:
                 del grad_hidden  # free it before the recompute allocates its replacement

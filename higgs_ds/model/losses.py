@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data.batch import Batch
+from ..data.chatml import IGNORE
 
-IGNORE = -100
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,7 @@ class Targets:
     text_labels: torch.Tensor  # long [n_text]
     audio_frames: torch.Tensor  # long [n_audio]: columns of audio_out_ids (frame j predicts frame j+1)
     audio_labels: torch.Tensor  # long [n_audio, K]
+    audio_positions: torch.Tensor  # long [n_audio]: flat sequence positions of those frames
 
 
 @dataclass
@@ -86,7 +87,8 @@ def next_token_targets(label_ids: torch.Tensor, segment_ids: torch.Tensor, audio
     followed = (after == here + 1) & (here % seq_len != seq_len - 1) & (segments[after] == segments[here])
     next_labels = audio_out_labels[:, 1:].T
     audio_frames = (followed & (next_labels != IGNORE).any(dim=1)).nonzero().squeeze(1)
-    return Targets(text_positions, next_text[text_positions], audio_frames, next_labels[audio_frames])
+    return Targets(text_positions, next_text[text_positions], audio_frames, next_labels[audio_frames],
+                   frame_positions[audio_frames])
 
 
 def learnable_counts(batch: Batch) -> LearnableCounts:

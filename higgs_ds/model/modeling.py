@@ -268,9 +268,8 @@ class HiggsAudioForTraining(nn.Module):
         hidden = self.model(input_ids, position_ids, segment_ids, audio_in_mask, audio_out_mask, audio_in_ids,
                             audio_out_ids).flatten(0, 1)
         targets = next_token_targets(label_ids, segment_ids, audio_out_mask, audio_out_labels)
-        frame_positions = audio_out_mask.flatten().nonzero().squeeze(1)
         text: HeadLoss = self.text_lm_head(hidden[targets.text_positions], targets.text_labels, return_predictions)
-        audio: HeadLoss = self.audio_lm_head(hidden[frame_positions[targets.audio_frames]], targets.audio_labels,
+        audio: HeadLoss = self.audio_lm_head(hidden[targets.audio_positions], targets.audio_labels,
                                              return_predictions)
         text_sum, text_tokens = text.loss_sum[0], text.count[0]
         loss = objective(text_sum, text_tokens, audio.loss_sum, audio.count, self.loss_config, loss_norm)
