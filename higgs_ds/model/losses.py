@@ -102,6 +102,14 @@ def reduce_codebooks(per_codebook: torch.Tensor, reduction: str) -> torch.Tensor
     return per_codebook.sum() if reduction == "sum" else per_codebook.mean()
 
 
+def _terms(text_loss_sum, text_norm, audio_loss_sum, audio_norm, config: LossConfig):
+    """(text mean, per-codebook means, audio term, weighted total); a normaliser of 0 counts as 1."""
+    text = text_loss_sum / text_norm.to(text_loss_sum).clamp_min(1)
+    per_codebook = audio_loss_sum / audio_norm.to(audio_loss_sum).clamp_min(1)
+    audio = reduce_codebooks(per_codebook, config.audio_reduction)
+    return text, per_codebook, audio, config.text_weight * text + config.audio_weight * audio
+
+
 def objective(text_loss_sum: torch.Tensor, text_tokens: torch.Tensor, audio_loss_sum: torch.Tensor,
               audio_tokens: torch.Tensor, config: LossConfig, norm: LossNorm | None = None) -> torch.Tensor:
     """The scalar to backpropagate. Sums are differentiable fp32; counts are this batch's (used when norm is None)."""
@@ -110,18 +118,14 @@ def objective(text_loss_sum: torch.Tensor, text_tokens: torch.Tensor, audio_loss
     else:
         text_norm, scale = torch.as_tensor(norm.text_tokens), norm.grad_scale
         audio_norm = torch.as_tensor(norm.audio_tokens).expand(audio_loss_sum.shape)
-    text = text_loss_sum / text_norm.to(text_loss_sum).clamp_min(1)
-    audio = reduce_codebooks(audio_loss_sum / audio_norm.to(audio_loss_sum).clamp_min(1), config.audio_reduction)
-    return scale * (config.text_weight * text + config.audio_weight * audio)
+    return scale * _terms(text_loss_sum, text_norm, audio_loss_sum, audio_norm, config)[3]
 
 
 def loss_means(text_loss_sum: torch.Tensor, text_tokens: torch.Tensor, audio_loss_sum: torch.Tensor,
                audio_tokens: torch.Tensor, config: LossConfig) -> dict[str, torch.Tensor]:
-    """Logged means (detached fp32); a term with no tokens logs 0."""
-    text = text_loss_sum.detach().float() / text_tokens.clamp_min(1)
-    per_codebook = audio_loss_sum.detach().float() / audio_tokens.clamp_min(1)
-    audio = reduce_codebooks(per_codebook, config.audio_reduction)
-    means = {"loss/text": text, "loss/audio": audio,
-             "loss/total": config.text_weight * text + config.audio_weight * audio}
+    """Logged means (detached fp32), with the objective's own reduction; a term with no tokens logs 0."""
+    text, per_codebook, audio, total = _terms(text_loss_sum.detach().float(), text_tokens,
+                                              audio_loss_sum.detach().float(), audio_tokens, config)
+    means = {"loss/text": text, "loss/audio": audio, "loss/total": total}
     means.update({f"loss/audio_cb{k}": value for k, value in enumerate(per_codebook)})
     return means
