@@ -94,7 +94,7 @@ def main() -> None:
         t_stream = best_of(args.repeats, lambda: delivered.append(sum(len(b.sample_keys) for b in stream)))
         n_stream = delivered[-1]
 
-        samples = [s for b in _decoded_batches(stream, args.batch_size) for s in b]
+        samples = _decoded_samples(stream)
         batches = [samples[i:i + args.batch_size] for i in range(0, len(samples), args.batch_size)]
         t_collate = best_of(args.repeats, lambda: [padded(b) for b in batches])
 
@@ -134,15 +134,12 @@ def main() -> None:
           + ", ".join(f"{name} {value:.3f}" for name, value in efficiency.items()))
 
 
-def _decoded_batches(stream: ShardLoader, batch_size: int):
-    """The same samples the stream delivered, decoded once (read straight from the shards, outside the clock)."""
+def _decoded_samples(stream: ShardLoader) -> list:
+    """The samples the stream delivered, decoded once (read straight from the shards, outside the clock)."""
     from higgs_ds.data.shards import decode_sample, read_shard
 
-    samples = []
-    for shard in stream.manifest.shards:
-        for raw in read_shard(stream.manifest.shard_path(shard)):
-            samples.append(decode_sample(raw, stream.collator.tokens, stream.collator.audio))
-    yield from (samples[i:i + batch_size] for i in range(0, len(samples), batch_size))
+    return [decode_sample(raw, stream.collator.tokens, stream.collator.audio)
+            for shard in stream.manifest.shards for raw in read_shard(stream.manifest.shard_path(shard))]
 
 
 if __name__ == "__main__":
