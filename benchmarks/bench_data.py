@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from higgs_ds.data.collator import Collator  # noqa: E402
 from higgs_ds.data.stream import ShardLoader  # noqa: E402
-from higgs_ds.data.tokens import AudioSettings, SpecialTokens  # noqa: E402
+from higgs_ds.data.tokens import SpecialTokens  # noqa: E402
+from higgs_ds.model_config import read_model_config  # noqa: E402
 
 TOKENIZER = ROOT / "tests/assets/tiny_tokenizer"
 WORDS = "the quick brown fox jumps over a lazy dog while we read this text aloud in a calm voice".split()
@@ -78,7 +79,9 @@ def main() -> None:
         folder = Path(tmp) / "set"
         make_set(folder, args.samples, args.seed)
         config = {"audio_num_codebooks": 8, "audio_codebook_size": 1024, "use_delay_pattern": True,
-                  "skip_audio_tower": True}
+                  "skip_audio_tower": True, "audio_adapter_type": "dual_ffn_fast_forward",
+                  "audio_dual_ffn_layers": [0], "text_config": {"vocab_size": 416, "hidden_size": 32,
+                  "intermediate_size": 80, "num_hidden_layers": 1, "num_attention_heads": 4}}
         (folder / "config.json").write_text(json.dumps(config))
         subprocess.run([sys.executable, "-m", "data_tools.build_shards", str(folder / "train.jsonl"),
                         "--tokenizer", str(TOKENIZER), "--model-config", str(folder / "config.json"),
@@ -86,7 +89,7 @@ def main() -> None:
                        check=True, cwd=ROOT, capture_output=True)
 
         tokens = SpecialTokens.from_tokenizer(AutoTokenizer.from_pretrained(str(TOKENIZER)))
-        audio = AudioSettings.from_model_config(config)
+        audio = read_model_config(config).audio
         padded = Collator(tokens, audio)
         stream = ShardLoader(folder / "shards/train", padded, batch_size=args.batch_size, shuffle=False,
                              rank=0, world_size=1)

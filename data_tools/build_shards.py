@@ -31,6 +31,7 @@ from higgs_ds.data.chatml import AudioRef, SampleError, tokenize_chatml
 from higgs_ds.data.sample import TokenizedSample
 from higgs_ds.data.shards import SplitWriter, atomic_write, data_fingerprint
 from higgs_ds.data.tokens import AudioSettings, SpecialTokens
+from higgs_ds.model_config import ConfigError, read_model_config
 
 
 class BadSample(ValueError):
@@ -54,15 +55,6 @@ class Result:
     split: str
     sample: TokenizedSample | None = None
     error: str | None = None
-
-
-def load_model_config(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    path = path / "config.json" if path.is_dir() else path
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"--model-config {path}: cannot read ({exc})") from exc
 
 
 class CodecEncoder:
@@ -127,7 +119,7 @@ def load_codes(ref: AudioRef, where: str) -> np.ndarray:
             codes = _worker["codec"](path)
         except RuntimeError as exc:  # soundfile.LibsndfileError is a RuntimeError
             raise BadSample(f"{field}: cannot read/encode audio ({exc})") from exc
-    k, size = spec.audio.num_codebooks, spec.audio.codebook_size
+    k, size = spec.audio.num_codebooks, spec.audio.codes_per_codebook
     if codes.ndim != 2 or codes.shape[0] != k or codes.shape[1] < 1 or not np.issubdtype(codes.dtype, np.integer):
         raise BadSample(f"{field}: codes {codes.dtype} {codes.shape}, expected integer [{k}, T>=1] "
                         "(codebooks first)")
@@ -223,10 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--out {args.out}: exists and is not empty; refusing to mix builds")
     if not args.input.is_file():
         raise SystemExit(f"{args.input}: input JSONL not found")
-    config = load_model_config(args.model_config)
-    audio = AudioSettings.from_model_config(config)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    tokens = SpecialTokens.from_tokenizer(tokenizer, pad_token_id=config.get("pad_token_id"))
+    try:
+        config = read_model_config(args.model_config, tokenizer)
+    except ConfigError as exc:
+        raise SystemExit(f"--model-config: {exc}") from None
+    audio = config.audio
+    tokens = SpecialTokens.from_tokenizer(tokenizer, pad_token_id=config.pad_token_id)
     if args.codec:
         check_codec(args.codec, audio)
     spec = BuildSpec(args.input.resolve().parent, args.tokenizer, args.codec, tokens, audio)
@@ -271,9 +266,9 @@ def check_codec(directory: str, audio: AudioSettings) -> None:
     from transformers import HiggsAudioV2TokenizerConfig
 
     codec = HiggsAudioV2TokenizerConfig.from_pretrained(directory)
-    if codec.num_quantizers != audio.num_codebooks or codec.codebook_size > audio.codebook_size:
+    if codec.num_quantizers != audio.num_codebooks or codec.codebook_size > audio.codes_per_codebook:
         raise SystemExit(f"--codec {directory}: produces {codec.num_quantizers} codebooks of {codec.codebook_size} "
-                         f"codes; the model expects {audio.num_codebooks} of {audio.codebook_size}")
+                         f"codes; the model expects {audio.num_codebooks} of {audio.codes_per_codebook}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from higgs_ds.data.sample import TokenizedSample
 from higgs_ds.data.shards import (COUNTS, IGNORE, MANIFEST, Manifest, ShardError, atomic_write, decode_sample,
                                   file_sha256, read_shard, sample_counts, tar_complete)
 from higgs_ds.data.tokens import AudioSettings, SpecialTokens
+from higgs_ds.model_config import ConfigError, read_model_config
 
 LEARNABLE = ("⟦", "⟧")
 
@@ -52,11 +53,12 @@ def settings(manifest: Manifest | None, args, where: Path) -> tuple[SpecialToken
     if args.model_config is not None:
         if args.tokenizer is None:
             raise SystemExit("--model-config needs --tokenizer (special token ids)")
-        from data_tools.build_shards import load_model_config
-
-        config = load_model_config(args.model_config)
-        tokens = SpecialTokens.from_tokenizer(load_tokenizer(args.tokenizer), config.get("pad_token_id"))
-        return tokens, AudioSettings.from_model_config(config)
+        tokenizer = load_tokenizer(args.tokenizer)
+        try:
+            config = read_model_config(args.model_config, tokenizer)
+        except ConfigError as exc:
+            raise SystemExit(f"--model-config: {exc}") from None
+        return SpecialTokens.from_tokenizer(tokenizer, config.pad_token_id), config.audio
     if manifest is None:
         raise SystemExit(f"{where}: no {MANIFEST} beside it; pass --tokenizer and --model-config")
     return manifest.tokens, manifest.audio

@@ -1,13 +1,14 @@
 """Checkpoint layouts: boson <-> port round trips, split-tensor merge, file formats, clear mismatch errors."""
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import HiggsAudioV2ForConditionalGeneration
 
-from higgs_ds.model import load_model, read_config, read_port_state_dict, save_checkpoint
+from higgs_ds.model import load_model, read_model_config, read_port_state_dict, save_checkpoint
 from higgs_ds.model.checkpoint import merge_split_tensors, read_state_dict
 
 GOLDENS = Path(__file__).parent / "goldens" / "model"
@@ -20,11 +21,11 @@ def assert_same_tensors(got: dict, expected: dict) -> None:
         assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
 
 
-def test_boson_to_port_to_boson_is_tensor_identical(tmp_path):
+def test_boson_to_port_to_boson_is_tensor_identical(tmp_path, tokenizer):
     original = read_state_dict(BOSON)
     assert "audio_codebook_embeddings.weight" in original and "norm.weight" in original
-    model = load_model(BOSON)
-    save_checkpoint(model.state_dict(), model.config, tmp_path / "port", layout="port")
+    model = load_model(BOSON, tokenizer=tokenizer)  # the port config needs the delay token id: from the tokenizer
+    save_checkpoint(model.state_dict(), model.model_config, tmp_path / "port", layout="port")
     port = read_state_dict(tmp_path / "port")
     assert {"model.embed_audio_tokens.embed_audio_tokens.weight", "audio_lm_head.weight",
             "text_lm_head.weight", "model.layers.1.audio_mlp.up_proj.weight"} <= port.keys()
@@ -32,13 +33,16 @@ def test_boson_to_port_to_boson_is_tensor_identical(tmp_path):
                        original["audio_codebook_embeddings.weight"])
 
     reloaded = load_model(tmp_path / "port")
-    save_checkpoint(reloaded.state_dict(), reloaded.config, tmp_path / "boson", layout="boson")
+    save_checkpoint(reloaded.state_dict(), reloaded.model_config, tmp_path / "boson", layout="boson")
     assert_same_tensors(read_state_dict(tmp_path / "boson"), original)
 
-    # One HiggsAudioV2Config from all three config.json files; the boson fields upstream reads survive.
-    configs = [read_config(path) for path in (BOSON, tmp_path / "port", tmp_path / "boson")]
-    assert configs[0].to_dict() == configs[1].to_dict() == configs[2].to_dict()
-    assert configs[0].codebook_size == 32 and configs[0].num_codebooks == 4
+    # One HiggsModelConfig from all three config.json files; the boson fields upstream reads survive.
+    configs = [read_model_config(path, tokenizer) for path in (BOSON, tmp_path / "port", tmp_path / "boson")]
+    assert [c.layout for c in configs] == ["boson", "port", "boson"]
+    assert replace(configs[0], source="", layout="port") == replace(configs[1], source="") \
+        == replace(configs[2], source="", layout="port")
+    assert configs[0].transformers_config().to_dict() == configs[1].transformers_config().to_dict()
+    assert (configs[0].ids_per_codebook, configs[0].codes_per_codebook, configs[0].num_codebooks) == (32, 30, 4)
     raw, written = (json.loads((path / "config.json").read_text()) for path in (BOSON, tmp_path / "boson"))
     for key in ("audio_num_codebooks", "audio_codebook_size", "audio_stream_bos_id", "audio_stream_eos_id",
                 "audio_in_token_idx", "audio_out_token_idx", "audio_out_bos_token_id", "audio_eos_token_id",
@@ -60,10 +64,10 @@ def test_split_tensors_are_merged_on_load():
         merge_split_tensors(orphan)
 
 
-def test_sharded_and_bin_files_load_the_same_tensors(tmp_path):
-    model = load_model(BOSON)
+def test_sharded_and_bin_files_load_the_same_tensors(tmp_path, tokenizer):
+    model = load_model(BOSON, tokenizer=tokenizer)
     expected = model.state_dict()
-    out = save_checkpoint(expected, model.config, tmp_path / "sharded", max_shard_bytes=40_000)
+    out = save_checkpoint(expected, model.model_config, tmp_path / "sharded", max_shard_bytes=40_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 3 and sorted(index["weight_map"]) == sorted(expected)
     assert_same_tensors(read_port_state_dict(out), expected)
@@ -76,9 +80,9 @@ def test_sharded_and_bin_files_load_the_same_tensors(tmp_path):
     assert_same_tensors(load_model(bin_dir).state_dict(), expected)
 
 
-def test_our_port_layout_loads_in_transformers(tmp_path):
-    model = load_model(SPLIT)
-    save_checkpoint(model.state_dict(), model.config, tmp_path, layout="port")
+def test_our_port_layout_loads_in_transformers(tmp_path, tokenizer):
+    model = load_model(SPLIT, tokenizer=tokenizer)
+    save_checkpoint(model.state_dict(), model.model_config, tmp_path, layout="port")
     port = HiggsAudioV2ForConditionalGeneration.from_pretrained(str(tmp_path), use_text_head=True)
     assert port.config.codebook_size == 32
     assert_same_tensors(port.state_dict(), model.state_dict())
@@ -112,7 +116,7 @@ def test_config_weight_mismatches_are_refused_clearly(tmp_path):
     with pytest.raises(ValueError, match=r"(?s)state to save: .*missing keys: \['text_lm_head.weight'\]"):
         model = load_model(BOSON)
         state = {k: v for k, v in model.state_dict().items() if k != "text_lm_head.weight"}
-        save_checkpoint(state, model.config, tmp_path / "never")
+        save_checkpoint(state, model.model_config, tmp_path / "never", layout="boson")
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -123,13 +127,13 @@ def test_config_weight_mismatches_are_refused_clearly(tmp_path):
 ])
 def test_unsupported_boson_configs_are_refused(tmp_path, edit, message):
     with pytest.raises(ValueError, match=f"config.json: {message}"):
-        read_config(write_variant(tmp_path, edit_config=edit))
+        read_model_config(write_variant(tmp_path, edit_config=edit))
 
 
-def test_port_config_must_count_stream_bos_and_eos(tmp_path):
-    model = load_model(BOSON)
-    save_checkpoint(model.state_dict(), model.config, tmp_path, layout="port")
+def test_port_config_must_count_stream_bos_and_eos(tmp_path, tokenizer):
+    model = load_model(BOSON, tokenizer=tokenizer)
+    save_checkpoint(model.state_dict(), model.model_config, tmp_path, layout="port")
     raw = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(dict(raw, codebook_size=30)))
     with pytest.raises(ValueError, match="codebook_size=30 does not cover the stream bos/eos ids 30/31"):
-        read_config(tmp_path)
+        read_model_config(tmp_path)

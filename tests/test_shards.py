@@ -28,10 +28,14 @@ AUDIO = AudioSettings()  # 8 codebooks × 1024, delay pattern: what MODEL_CONFIG
 
 
 def model_config(tokenizer) -> dict:
-    """A small boson-style config.json: what the builder reads for audio settings and the pad id."""
+    """A small boson-layout config.json: what the builder reads for audio settings and the pad id."""
+    ids = tokenizer.convert_tokens_to_ids
     return {"audio_num_codebooks": 8, "audio_codebook_size": 1024, "use_delay_pattern": True,
             "skip_audio_tower": True, "encode_whisper_embed": False, "encode_audio_in_tokens": True,
-            "pad_token_id": tokenizer.convert_tokens_to_ids("<|end_of_text|>")}
+            "audio_adapter_type": "dual_ffn_fast_forward", "audio_dual_ffn_layers": [0],
+            "text_config": {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 80,
+                            "num_hidden_layers": 1, "num_attention_heads": 4},
+            "pad_token_id": ids("<|end_of_text|>")}
 
 
 def chatml(i: int, url) -> dict:

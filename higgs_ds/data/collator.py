@@ -179,7 +179,7 @@ class Collator:
                                         "<|AUDIO|>/<|AUDIO_OUT|> placeholders")
         if not codes:
             return
-        size = self.audio.codebook_size
+        size = self.audio.codes_per_codebook
         every_code = np.concatenate(codes, axis=1)
         if every_code.min() >= 0 and every_code.max() < size:
             return

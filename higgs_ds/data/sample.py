@@ -13,7 +13,7 @@ from .tokens import AudioSettings, SpecialTokens
 class TokenizedSample:
     """`input_ids`/`label_ids` hold one placeholder (<|AUDIO|> or <|AUDIO_OUT|>) per audio segment, unexpanded.
     `audio_codes[i]` is the i-th segment in order of appearance (audio-in and audio-out numbered together),
-    integer [num_codebooks, T] with codes in 0..codebook_size-1 (no bos/eos, no delay)."""
+    integer [num_codebooks, T] with codes in 0..codes_per_codebook-1 (no bos/eos, no delay)."""
 
     key: str
     input_ids: np.ndarray  # int32 [L]

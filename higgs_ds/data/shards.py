@@ -131,8 +131,8 @@ def decode_sample(raw: Mapping[str, Any], tokens: SpecialTokens, audio: AudioSet
     if np.any(lengths < 1) or int(lengths.sum()) != codes.shape[1]:
         fail("audio_lengths.npy", f"segment lengths {lengths.tolist()} must be >= 1 and sum to the "
                                   f"{codes.shape[1]} code columns of audio_codes")
-    if codes.size and (codes.min() < 0 or codes.max() >= audio.codebook_size):
-        fail("audio_codes.npy", f"codes span [{codes.min()}, {codes.max()}], expected [0, {audio.codebook_size})")
+    if codes.size and (codes.min() < 0 or codes.max() >= audio.codes_per_codebook):
+        fail("audio_codes.npy", f"codes span [{codes.min()}, {codes.max()}], expected [0, {audio.codes_per_codebook})")
     placeholders = int(tokens.is_placeholder(ids).sum())
     if placeholders != len(lengths):
         fail("input_ids.npy", f"{placeholders} <|AUDIO|>/<|AUDIO_OUT|> placeholders but {len(lengths)} audio "

@@ -1,10 +1,7 @@
 """Special-token ids and audio-stream settings, read from the tokenizer and the model config (never hard-coded)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Mapping
 
 import numpy as np
 
@@ -59,51 +56,30 @@ class SpecialTokens:
 
 @dataclass(frozen=True)
 class AudioSettings:
-    """Audio-stream facts the collator needs; derived from the checkpoint's config, not hand-set."""
+    """Audio-stream facts the collator needs. Derived from the checkpoint's config by the one reader
+    (`higgs_ds.model_config.read_model_config(...).audio`), never hand-set in training code."""
 
     num_codebooks: int = 8
-    codebook_size: int = 1024  # real codes 0..1023; bos/eos come after
+    codes_per_codebook: int = 1024  # real codes 0..1023; the stream bos/eos ids come after them
     stream_bos_id: int = 1024
     stream_eos_id: int = 1025
     use_delay_pattern: bool = True
 
-    def frames(self, num_codes: int) -> int:
+    def __post_init__(self):
+        for name in ("num_codebooks", "codes_per_codebook", "stream_bos_id", "stream_eos_id"):
+            if type(getattr(self, name)) is not int:
+                raise ValueError(f"audio settings: {name} must be an int, got {getattr(self, name)!r}")
+        if type(self.use_delay_pattern) is not bool:
+            raise ValueError(f"audio settings: use_delay_pattern must be a bool, got {self.use_delay_pattern!r}")
+        if self.num_codebooks < 1 or self.codes_per_codebook < 1:
+            raise ValueError(f"audio settings: need >= 1 codebook of >= 1 code, got {self.num_codebooks} codebooks "
+                             f"of {self.codes_per_codebook} codes")
+        if min(self.stream_bos_id, self.stream_eos_id) < self.codes_per_codebook:
+            raise ValueError(f"audio settings: stream bos/eos ids {self.stream_bos_id}/{self.stream_eos_id} fall "
+                             f"inside the code range [0, {self.codes_per_codebook}): they must come after the codes")
+        if self.stream_bos_id == self.stream_eos_id:
+            raise ValueError(f"audio settings: stream bos and eos share the id {self.stream_bos_id}")
+
+    def frames(self, num_codes):
         """Sequence positions one segment of `num_codes` frames occupies (bos + codes + eos [+ delay])."""
         return num_codes + 2 + (self.num_codebooks - 1 if self.use_delay_pattern else 0)
-
-    @classmethod
-    def from_model_config(cls, config: Mapping[str, Any] | str | Path) -> "AudioSettings":
-        """Accepts a boson `config.json` (audio_num_codebooks, audio_codebook_size=1024, use_delay_pattern ...),
-        a transformers-port config (num_codebooks, codebook_size=1026 incl. bos/eos), a dict of either, or a
-        directory/file holding one."""
-        if not isinstance(config, Mapping):
-            path = Path(config)
-            path = path / "config.json" if path.is_dir() else path
-            config = json.loads(path.read_text())
-            source = str(path)
-        else:
-            source = "<config dict>"
-        if config.get("encode_whisper_embed") or config.get("skip_audio_tower") is False:
-            raise ValueError(f"{source}: whisper audio features (encode_whisper_embed / audio tower) are not "
-                             "supported; the released Higgs Audio v2 uses audio codes only")
-        if "audio_num_codebooks" in config:  # boson layout
-            if config.get("encode_audio_in_tokens") is False:
-                raise ValueError(f"{source}: encode_audio_in_tokens=false is not supported")
-            size = int(config.get("audio_codebook_size", 1024))
-            return cls(
-                num_codebooks=int(config["audio_num_codebooks"]),
-                codebook_size=size,
-                stream_bos_id=int(config.get("audio_stream_bos_id", size)),
-                stream_eos_id=int(config.get("audio_stream_eos_id", size + 1)),
-                use_delay_pattern=bool(config.get("use_delay_pattern", False)),
-            )
-        if "num_codebooks" in config:  # transformers port: codebook_size counts bos/eos; it always uses the delay
-            size = int(config.get("codebook_size", 1024))
-            bos = int(config.get("audio_stream_bos_id", 1024))
-            eos = int(config.get("audio_stream_eos_id", 1025))
-            if max(bos, eos) >= size:
-                raise ValueError(f"{source}: codebook_size={size} does not cover stream bos/eos ids {bos}/{eos} "
-                                 "(the converted release needs codebook_size=1026)")
-            return cls(num_codebooks=int(config["num_codebooks"]), codebook_size=min(bos, eos),
-                       stream_bos_id=bos, stream_eos_id=eos, use_delay_pattern=True)
-        raise ValueError(f"{source}: not a Higgs Audio config (no audio_num_codebooks / num_codebooks)")

@@ -6,11 +6,12 @@
   port:  model.embed_tokens.* model.layers.* model.norm.* model.embed_audio_tokens.embed_audio_tokens.weight
          audio_lm_head.weight text_lm_head.weight, config.json of HiggsAudioV2Config (codebook_size incl. bos/eos)
 Weights: model.safetensors, sharded *.safetensors with model.safetensors.index.json, or pytorch_model*.bin (read with
-torch.load(weights_only=True)). Both configs map to one HiggsAudioV2Config; we save safetensors + config.json.
+torch.load(weights_only=True)). Both configs are read by `higgs_ds.model_config` into one HiggsModelConfig; we save
+safetensors + config.json.
 
     model = load_model(path)                          # any layout -> HiggsAudioForTraining
     state = read_port_state_dict(path, config)        # validated port-layout tensors (e.g. to load under ZeRO-3)
-    save_checkpoint(model.state_dict(), model.config, out_dir, layout="boson")
+    save_checkpoint(model.state_dict(), model.model_config, out_dir, layout="boson")
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from typing import Literal, Mapping
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import HiggsAudioV2Config
 
+from ..model_config import HiggsModelConfig, as_model_config, read_model_config
 from .modeling import HiggsAudioForTraining
 
 Layout = Literal["boson", "port"]
@@ -36,110 +37,6 @@ PORT_TO_BOSON = ((r"^model\.embed_audio_tokens\.embed_audio_tokens\.", "audio_co
 # Buffers some upstream checkpoints carry; recomputed from the config.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.original_inv_freq", "audio_codebook_weights")
 SPLIT_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>embedding|linear)_(?P<part>frozen|trainable)\.weight$")
-BOSON_ACCEPTED = {  # field: (the only value we accept, why)
-    "use_audio_out_self_attention": (False, "the audio self-attention variant is not the released model"),
-    "skip_audio_tower": (True, "the whisper audio tower is not used by the released model"),
-    "encode_whisper_embed": (False, "whisper features are not supported"),
-    "encode_audio_in_tokens": (True, "audio-in positions must be embedded from their codes"),
-    "use_delay_pattern": (True, "the port layout (and its generation) always uses the delay pattern"),
-    "audio_decoder_proj_num_layers": (0, "extra decoder-projection layers are not supported"),
-    "use_audio_out_embed_projector": (False, "the audio-out embedding projector is not supported"),
-    "audio_embed_avg": (False, "codebook embeddings are summed, not averaged"),
-    "use_rq_transformer": (False, "the RQ-transformer head is not supported"),
-}
-BOSON_FIXED_FIELDS = {name: accepted for name, (accepted, _) in BOSON_ACCEPTED.items()}
-BOSON_REQUIRED_TEXT = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-BOSON_TOKEN_ID_KEYS = (  # (HiggsAudioV2Config field, boson config key); the last two are not port fields
-    ("pad_token_id", "pad_token_id"), ("audio_token_id", "audio_out_token_idx"),
-    ("audio_bos_token_id", "audio_out_bos_token_id"), ("audio_in_token_id", "audio_in_token_idx"),
-    ("audio_eos_token_id", "audio_eos_token_id"))
-
-
-# ------------------------------------------------------------------------------------------------ configs
-
-
-def read_config(path: str | Path) -> HiggsAudioV2Config:
-    """config.json of either layout (a directory or the file) -> HiggsAudioV2Config."""
-    path = Path(path)
-    path = path / "config.json" if path.is_dir() else path
-    raw = json.loads(path.read_text())
-    return config_from_boson(raw, str(path)) if config_layout(raw) == "boson" else config_from_port(raw, str(path))
-
-
-def config_layout(raw: Mapping) -> Layout:
-    return "boson" if "text_config" in raw or "audio_num_codebooks" in raw else "port"
-
-
-def config_from_port(raw: Mapping, source: str = "<config>") -> HiggsAudioV2Config:
-    config = HiggsAudioV2Config.from_dict(dict(raw))
-    if config.codebook_size <= max(config.audio_stream_bos_id, config.audio_stream_eos_id):
-        raise ValueError(f"{source}: codebook_size={config.codebook_size} does not cover the stream bos/eos ids "
-                         f"{config.audio_stream_bos_id}/{config.audio_stream_eos_id} (the release needs 1026)")
-    return config
-
-
-def config_from_boson(raw: Mapping, source: str = "<config>") -> HiggsAudioV2Config:
-    for name, (accepted, why) in BOSON_ACCEPTED.items():
-        if name in raw and raw[name] != accepted:
-            raise ValueError(f"{source}: {name}={raw[name]!r} is not supported ({why}); expected {accepted!r}")
-    text = raw.get("text_config") or {}
-    if missing := [key for key in BOSON_REQUIRED_TEXT if key not in text]:
-        raise ValueError(f"{source}: text_config lacks {missing}")
-    layers, heads = int(text["num_hidden_layers"]), int(text["num_attention_heads"])
-    if raw.get("audio_adapter_type") not in ("dual_ffn", "dual_ffn_fast_forward"):
-        raise ValueError(f"{source}: audio_adapter_type={raw.get('audio_adapter_type')!r} is not supported; "
-                         "expected dual_ffn or dual_ffn_fast_forward")
-    if sorted(raw.get("audio_dual_ffn_layers") or []) != list(range(layers)):
-        raise ValueError(f"{source}: audio_dual_ffn_layers={raw.get('audio_dual_ffn_layers')} must list all "
-                         f"{layers} layers (fast-forward layers are not supported)")
-    if text.get("tie_word_embeddings"):
-        raise ValueError(f"{source}: text_config.tie_word_embeddings=true is not supported (the text head is separate)")
-    codes = int(raw.get("audio_codebook_size", 1024))
-    # Token ids the port config knows (else its defaults), and two it does not, kept for a boson re-save.
-    token_ids = {name: raw[key] for name, key in BOSON_TOKEN_ID_KEYS if key in raw}
-    return HiggsAudioV2Config(
-        architectures=["HiggsAudioV2ForConditionalGeneration"], vocab_size=int(text["vocab_size"]),
-        hidden_size=int(text["hidden_size"]), intermediate_size=int(text["intermediate_size"]),
-        num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=int(text.get("num_key_value_heads") or heads),
-        head_dim=int(text.get("head_dim") or int(text["hidden_size"]) // heads),
-        hidden_act=text.get("hidden_act", "silu"), rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=int(text.get("max_position_embeddings", 2048)),
-        rope_parameters=_rope_parameters(text), attention_bias=bool(text.get("attention_bias", False)),
-        mlp_bias=bool(text.get("mlp_bias", False)), tie_word_embeddings=False,
-        bos_token_id=text.get("bos_token_id"), eos_token_id=text.get("eos_token_id"),
-        num_codebooks=int(raw.get("audio_num_codebooks", 12)), codebook_size=codes + 2,
-        audio_stream_bos_id=int(raw.get("audio_stream_bos_id", codes)),
-        audio_stream_eos_id=int(raw.get("audio_stream_eos_id", codes + 1)), **token_ids)
-
-
-def _rope_parameters(text: Mapping) -> dict:
-    scaling = dict(text.get("rope_scaling") or {})
-    rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
-    return {"rope_type": rope_type, "rope_theta": float(text.get("rope_theta", 10000.0)), **scaling}
-
-
-def boson_config_dict(config: HiggsAudioV2Config) -> dict:
-    """The upstream HiggsAudioConfig fields for `config` (dual FFN in every layer, codes only, delay pattern)."""
-    rope = dict(config.rope_parameters)
-    theta, rope_type = rope.pop("rope_theta"), rope.pop("rope_type")
-    text = dict(model_type="llama", vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-                intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
-                num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
-                head_dim=config.head_dim, hidden_act=config.hidden_act, rms_norm_eps=config.rms_norm_eps,
-                max_position_embeddings=config.max_position_embeddings, rope_theta=theta,
-                rope_scaling=None if rope_type == "default" else {"rope_type": rope_type, **rope},
-                attention_bias=config.attention_bias, mlp_bias=config.mlp_bias, tie_word_embeddings=False,
-                bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                pad_token_id=config.pad_token_id)
-    raw = dict(architectures=["HiggsAudioModel"], model_type="higgs_audio", text_config=text,
-               audio_adapter_type="dual_ffn_fast_forward",
-               audio_dual_ffn_layers=list(range(config.num_hidden_layers)),
-               audio_num_codebooks=config.num_codebooks, audio_codebook_size=config.codebook_size - 2,
-               audio_stream_bos_id=config.audio_stream_bos_id, audio_stream_eos_id=config.audio_stream_eos_id,
-               **BOSON_FIXED_FIELDS)
-    raw.update({key: getattr(config, name) for name, key in BOSON_TOKEN_ID_KEYS if hasattr(config, name)})
-    return raw
 
 
 # ------------------------------------------------------------------------------------------------ tensors
@@ -212,17 +109,17 @@ def state_layout(state: Mapping[str, torch.Tensor]) -> Layout:
     return "port" if any(key.startswith("model.") for key in state) else "boson"
 
 
-def read_port_state_dict(path: str | Path, config: HiggsAudioV2Config | None = None) -> dict[str, torch.Tensor]:
+def read_port_state_dict(path: str | Path, config: HiggsModelConfig | None = None) -> dict[str, torch.Tensor]:
     """A checkpoint of either layout as port-layout tensors, checked against `config` (default: its config.json)."""
     path = Path(path)
-    config = config or read_config(path)
+    config = config or read_model_config(path)
     state = read_state_dict(path)
     state = boson_to_port(state) if state_layout(state) == "boson" else merge_split_tensors(state)
     check_state_dict(state, expected_shapes(config), str(path))
     return state
 
 
-def expected_shapes(config: HiggsAudioV2Config) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: HiggsModelConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         return {key: tuple(value.shape) for key, value in HiggsAudioForTraining(config).state_dict().items()}
 
@@ -238,9 +135,11 @@ def check_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str, t
         raise ValueError(f"{source}: checkpoint does not match the config:\n  " + "\n  ".join(problems))
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = None, **model_kwargs) -> HiggsAudioForTraining:
-    """Build HiggsAudioForTraining from the checkpoint's config.json and load its weights (either layout)."""
-    config = read_config(path)
+def load_model(path: str | Path, dtype: torch.dtype | None = None, tokenizer=None,
+               **model_kwargs) -> HiggsAudioForTraining:
+    """Build HiggsAudioForTraining from the checkpoint's config.json and load its weights (either layout).
+    With `tokenizer`, the config's token ids are checked against it and the missing ones filled in."""
+    config = read_model_config(path, tokenizer)
     model = HiggsAudioForTraining(config, **model_kwargs)
     model.load_state_dict(read_port_state_dict(path, config))
     return model.to(dtype) if dtype is not None else model
@@ -249,19 +148,21 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, **model_kwarg
 # ------------------------------------------------------------------------------------------------ saving
 
 
-def save_checkpoint(state: Mapping[str, torch.Tensor], config: HiggsAudioV2Config, out_dir: str | Path,
+def save_checkpoint(state: Mapping[str, torch.Tensor], config: HiggsModelConfig, out_dir: str | Path,
                     layout: Layout = "port", max_shard_bytes: int = 5 * 2**30) -> Path:
     """Write port-layout `state` (e.g. model.state_dict() or a ZeRO-3 consolidated one) as `layout`: safetensors
-    (sharded with an index above max_shard_bytes) + config.json. Returns out_dir."""
+    (sharded with an index above max_shard_bytes) + config.json. Returns out_dir. `config`: the model's
+    `model_config` (a transformers HiggsAudioV2Config is read as a port-layout config). The port layout is refused
+    for a checkpoint trained without the delay pattern (`HiggsModelConfig.port_dict`)."""
     out_dir = Path(out_dir)
+    config = as_model_config(config)
+    if layout not in ("boson", "port"):
+        raise ValueError(f"layout must be 'boson' or 'port', got {layout!r}")
+    raw_config = config.boson_dict() if layout == "boson" else config.port_dict()
     check_state_dict(state, expected_shapes(config), "state to save")
     tensors = {key: value.detach().contiguous().cpu() for key, value in state.items()}
     if layout == "boson":
-        tensors, raw_config = port_to_boson(tensors), boson_config_dict(config)
-    elif layout == "port":
-        raw_config = dict(config.to_dict(), architectures=["HiggsAudioV2ForConditionalGeneration"])
-    else:
-        raise ValueError(f"layout must be 'boson' or 'port', got {layout!r}")
+        tensors = port_to_boson(tensors)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = _shards(tensors, max_shard_bytes)
     if len(shards) == 1:

@@ -14,7 +14,6 @@ What differs from the port's forward:
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -31,6 +30,7 @@ from transformers.models.higgs_audio_v2.modeling_higgs_audio_v2 import (
 )
 from transformers.utils import is_flash_attn_2_available
 
+from ..model_config import HiggsModelConfig, as_model_config
 from .heads import HeadLoss, LinearCrossEntropyHead
 from .losses import IGNORE, LossConfig, LossNorm, loss_means, next_token_targets, objective
 
@@ -221,19 +221,21 @@ class HiggsAudioForTraining(nn.Module):
     """forward(**batch.model_inputs(), loss_norm=None, return_predictions=False) -> HiggsAudioOutput;
     logits(**batch.model_inputs()) -> HiggsAudioLogits (parity tests, inference)."""
 
-    def __init__(self, config: HiggsAudioV2Config, loss_config: LossConfig = LossConfig(),
+    def __init__(self, config: HiggsModelConfig | HiggsAudioV2Config, loss_config: LossConfig = LossConfig(),
                  attn_implementation: str = "auto", head_impl: str = "auto"):
+        """`config`: read by `higgs_ds.model_config.read_model_config` (a transformers HiggsAudioV2Config is read as a
+        port-layout config). `self.model_config` keeps it; `self.config` is the HiggsAudioV2Config the port modules
+        are built from (its `codebook_size` = ids per codebook, incl. stream bos/eos)."""
         super().__init__()
-        if config.codebook_size <= max(config.audio_stream_bos_id, config.audio_stream_eos_id):
-            raise ValueError(f"config.codebook_size={config.codebook_size} must include the stream bos/eos ids "
-                             f"{config.audio_stream_bos_id}/{config.audio_stream_eos_id} (1026 for the release)")
+        self.model_config = as_model_config(config)
+        config = self.model_config.transformers_config()
         if attn_implementation == "auto":
             use_flash = is_flash_attn_2_available() and torch.cuda.is_available()
             attn_implementation = "flash_attention_2" if use_flash else "sdpa"
         if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation must be one of {ATTENTION_IMPLEMENTATIONS} or 'auto', "
                              f"got {attn_implementation!r}")
-        self.config = copy.deepcopy(config)
+        self.config = config
         self.config._attn_implementation = attn_implementation
         self.loss_config = loss_config
         self.model = HiggsAudioBackbone(self.config)
