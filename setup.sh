@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Creates .venv with everything higgs-ds needs (CPU torch 2.13.0 pinned; see requirements.txt).
+# Creates .venv with everything higgs-ds needs (CPU torch 2.13.0 pinned; see requirements.txt) and installs the
+# project into it (editable). Idempotent: rerunning it reuses the venv.
 set -euo pipefail
 cd "$(dirname "$0")"
 python3 -m venv .venv
 .venv/bin/pip install -q -r requirements.txt
+# The project itself, editable: `import higgs_ds` and the console commands (higgs-build-shards, higgs-shards) work
+# from any folder. No build isolation: setuptools is already in the venv, nothing more to fetch.
+.venv/bin/pip install -q --no-deps --no-build-isolation -e .
 # transformers' Higgs codec (HiggsAudioV2TokenizerModel) imports torchaudio, and uses only its pure-torch
 # resampler. No torchaudio release is built for torch 2.13 and the newest one's compiled ops fail to load beside it,
 # so where `import torchaudio` fails we keep its Python package without those libraries (their ops stay

@@ -26,11 +26,10 @@ import torch
 from transformers import AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from higgs_ds.data.collator import Collator  # noqa: E402
-from higgs_ds.data.stream import ShardLoader  # noqa: E402
-from higgs_ds.data.tokens import SpecialTokens  # noqa: E402
-from higgs_ds.model_config import read_model_config  # noqa: E402
+from higgs_ds.data.collator import Collator
+from higgs_ds.data.stream import ShardLoader
+from higgs_ds.data.tokens import SpecialTokens
+from higgs_ds.model_config import read_model_config
 
 TOKENIZER = ROOT / "tests/assets/tiny_tokenizer"
 WORDS = "the quick brown fox jumps over a lazy dog while we read this text aloud in a calm voice".split()

@@ -29,8 +29,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from higgs_ds.model.heads import DEFAULT_CHUNK_TOKENS, LinearCrossEntropyHead, resolve_impl  # noqa: E402
+from higgs_ds.model.heads import DEFAULT_CHUNK_TOKENS, LinearCrossEntropyHead, resolve_impl
 
 MIB = 1 << 20
 

@@ -13,18 +13,14 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from transformers import HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneration
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from higgs_ds.data.batch import Batch  # noqa: E402
-from higgs_ds.model import HiggsAudioForTraining  # noqa: E402
-from model_helpers import port_inputs  # noqa: E402  - the same port feed the parity tests check
+from higgs_ds.data.batch import Batch
+from higgs_ds.model import HiggsAudioForTraining
+from higgs_ds.model.port import port_inputs  # the same port feed the parity tests check
 
 
 def bench_config() -> HiggsAudioV2Config:

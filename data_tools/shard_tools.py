@@ -25,7 +25,8 @@ import numpy as np
 
 from higgs_ds.data.collator import Collator
 from higgs_ds.data.sample import TokenizedSample
-from higgs_ds.data.shards import (COUNTS, IGNORE, MANIFEST, Manifest, ShardError, atomic_write, decode_sample,
+from higgs_ds.data.batch import IGNORE
+from higgs_ds.data.shards import (COUNTS, MANIFEST, Manifest, ShardError, atomic_write, decode_sample,
                                   file_sha256, read_shard, sample_counts, tar_complete)
 from higgs_ds.data.tokens import AudioSettings, SpecialTokens
 from higgs_ds.model_config import ConfigError, read_model_config

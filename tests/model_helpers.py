@@ -143,27 +143,3 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator)
             param.copy_(1.0 + 0.3 * noise if name.endswith("norm.weight") else 0.15 * noise)
-
-
-def port_inputs(batch: Batch, config: HiggsAudioV2Config) -> dict[str, torch.Tensor]:
-    """The same batch for transformers' HiggsAudioV2ForConditionalGeneration: every audio frame (in and out) is an
-    audio placeholder in input_ids, its codes go in audio_input_ids [B, frames, K] (DESIGN §1 "Verified here")."""
-    rows, length = batch.input_ids.shape
-    k_count = config.num_codebooks
-    is_audio = batch.audio_in_mask | batch.audio_out_mask
-    codes = torch.zeros(rows * length, k_count, dtype=torch.long)
-    labels = torch.full((rows * length, k_count), -100, dtype=torch.long)
-    codes[batch.audio_in_mask.flatten()] = batch.audio_in_ids.T
-    codes[batch.audio_out_mask.flatten()] = batch.audio_out_ids.T
-    labels[batch.audio_out_mask.flatten()] = batch.audio_out_labels.T
-    frames = int(is_audio.sum(1).max())
-    audio_input_ids = torch.zeros(rows, frames, k_count, dtype=torch.long)
-    audio_labels = torch.full((rows, frames, k_count), -100, dtype=torch.long)
-    audio_mask = torch.zeros(rows, frames, dtype=torch.bool)
-    for row in range(rows):
-        flat = row * length + is_audio[row].nonzero().squeeze(1)
-        audio_input_ids[row, :len(flat)], audio_labels[row, :len(flat)] = codes[flat], labels[flat]
-        audio_mask[row, :len(flat)] = True
-    return dict(input_ids=batch.input_ids.masked_fill(is_audio, config.audio_token_id),
-                attention_mask=batch.attention_mask, position_ids=batch.position_ids, audio_input_ids=audio_input_ids,
-                audio_input_ids_mask=audio_mask, labels=batch.label_ids, audio_labels=audio_labels)

@@ -8,7 +8,7 @@ import pytest
 
 from higgs_ds.data.chatml import AudioRef, SampleError, tokenize_chatml
 
-IGNORE = -100
+from higgs_ds.data.batch import IGNORE
 
 
 def audio(name: str) -> dict:

@@ -14,7 +14,7 @@ from higgs_ds.data.collator import Collator
 from higgs_ds.data.sample import TokenizedSample
 from higgs_ds.data.tokens import AudioSettings
 
-IGNORE = -100
+from higgs_ds.data.batch import IGNORE
 AUDIO = AudioSettings()
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+IGNORE = -100  # label of a position that is not learnable (text and audio alike); torch's CE ignore_index default
+
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "segment_ids", "label_ids", "audio_in_mask",
                 "audio_out_mask", "audio_in_ids", "audio_out_ids", "audio_out_labels")
 

@@ -13,9 +13,9 @@ from typing import Any, Callable, Mapping, NoReturn
 
 import numpy as np
 
+from .batch import IGNORE
 from .tokens import SpecialTokens
 
-IGNORE = -100
 AUDIO_ROLES = ("user", "system", "assistant")
 
 

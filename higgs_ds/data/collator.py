@@ -16,8 +16,8 @@ from typing import NoReturn, Sequence
 import numpy as np
 import torch
 
-from .batch import Batch
-from .chatml import IGNORE, SampleError
+from .batch import IGNORE, Batch
+from .chatml import SampleError
 from .sample import TokenizedSample
 from .tokens import AudioSettings, SpecialTokens
 

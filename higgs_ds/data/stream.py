@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .batch import Batch
+from .batch import IGNORE, Batch
 from .collator import first_fit_decreasing, round_up
 from .sample import TokenizedSample
-from .shards import IGNORE, Manifest, ShardError, check_fingerprint, decode_sample, read_shard
+from .shards import Manifest, ShardError, check_fingerprint, decode_sample, read_shard
 
 log = logging.getLogger(__name__)
 

@@ -25,12 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.batch import IGNORE
+
 try:  # optional, CUDA-only
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 except ImportError:
     liger_fused_linear_cross_entropy = None
 
-IGNORE_INDEX = -100
 IMPLS = ("auto", "chunked", "liger", "materialized")
 # Rows per chunk. Each chunk streams the whole weight through its matmuls, so small chunks pay that again and again:
 # on CPU, 256-row text chunks ran 1.1-1.2× the materialized time, 512 and 1024 rows 0.93-1.03× (benchmarks/
@@ -66,7 +67,7 @@ def _chunk_step(
     rows, heads = targets.shape
     logits = (hidden @ weight.T).float().view(rows, heads, -1)
     row_max, predictions = logits.max(dim=-1)
-    valid = targets != IGNORE_INDEX
+    valid = targets != IGNORE
     safe_targets = torch.where(valid, targets, 0).unsqueeze(-1)
     target_logit = logits.gather(-1, safe_targets).squeeze(-1)
     exp_logits = logits.sub_(row_max.unsqueeze(-1)).exp_()  # in place: the chunk's only [rows, heads*V] buffer
@@ -189,7 +190,7 @@ class LinearCrossEntropyHead(nn.Module):
         if targets is None:
             return F.linear(hidden, self.weight)
         targets = self._check(hidden, targets)
-        count = (targets != IGNORE_INDEX).sum(dim=0)
+        count = (targets != IGNORE).sum(dim=0)
         impl = resolve_impl(self.impl, hidden.device)
         if impl == "liger" and (return_predictions or hidden.shape[0] == 0):
             impl = "chunked"
@@ -218,12 +219,12 @@ class LinearCrossEntropyHead(nn.Module):
                 f"got {targets.dtype} {tuple(targets.shape)}"
             )
         targets = targets.view(num_rows, self.num_heads)
-        bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= self.vocab_size))
+        bad = (targets != IGNORE) & ((targets < 0) | (targets >= self.vocab_size))
         if bad.any():
             row, head = bad.nonzero()[0].tolist()
             raise ValueError(
                 f"{name}: targets[{row}, head {head}] = {targets[row, head].item()}; "
-                f"expected {IGNORE_INDEX} or 0..{self.vocab_size - 1}"
+                f"expected {IGNORE} or 0..{self.vocab_size - 1}"
             )
         return targets
 
@@ -232,7 +233,7 @@ class LinearCrossEntropyHead(nn.Module):
         logits = (hidden @ self.weight.T).float().view(hidden.shape[0], self.num_heads, self.vocab_size)
         loss_sum = torch.stack(
             [
-                F.cross_entropy(logits[:, k], targets[:, k], ignore_index=IGNORE_INDEX, reduction="sum")
+                F.cross_entropy(logits[:, k], targets[:, k], ignore_index=IGNORE, reduction="sum")
                 for k in range(self.num_heads)
             ]
         )
@@ -244,7 +245,7 @@ class LinearCrossEntropyHead(nn.Module):
             [
                 liger_fused_linear_cross_entropy(
                     hidden, self.weight[k * vocab : (k + 1) * vocab], targets[:, k].contiguous(),
-                    ignore_index=IGNORE_INDEX, reduction="sum",
+                    ignore_index=IGNORE, reduction="sum",
                 ).float()
                 for k in range(self.num_heads)
             ]

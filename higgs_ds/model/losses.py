@@ -30,8 +30,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..data.batch import Batch
-from ..data.chatml import IGNORE
+from ..data.batch import IGNORE, Batch
 
 
 
