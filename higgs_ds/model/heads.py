@@ -47,10 +47,16 @@ class HeadLoss(NamedTuple):
     predictions: torch.Tensor | None  # long [N, num_heads]: argmax per row, when asked for
 
 
+def fused_kernels_apply(device: torch.device) -> bool:
+    """Where the Triton kernels (Liger's fused CE, RMSNorm, SwiGLU) may run. The one dispatch predicate of the
+    model: tests/test_gpu_standins.py lifts it to run the kernel paths on the CPU with pure-PyTorch stand-ins."""
+    return device.type == "cuda"
+
+
 def resolve_impl(impl: str, device: torch.device) -> str:
     """The implementation that actually runs for `impl` on `device`."""
     if impl in ("auto", "liger"):
-        return "liger" if liger_fused_linear_cross_entropy is not None and device.type == "cuda" else "chunked"
+        return "liger" if liger_fused_linear_cross_entropy is not None and fused_kernels_apply(device) else "chunked"
     return impl
 
 

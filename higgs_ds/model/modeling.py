@@ -31,6 +31,7 @@ from transformers.models.higgs_audio_v2.modeling_higgs_audio_v2 import (
 from transformers.utils import is_flash_attn_2_available
 
 from ..model_config import HiggsModelConfig, as_model_config
+from . import heads
 from .heads import HeadLoss, LinearCrossEntropyHead
 from .losses import IGNORE, LossConfig, LossNorm, loss_means, next_token_targets, objective
 
@@ -145,13 +146,13 @@ class RotaryEmbedding(HiggsAudioV2RotaryEmbedding):
 
 
 def _liger_rms_norm_forward(self: HiggsAudioV2RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    if not x.is_cuda or x.numel() == 0:  # zero-row slices stay on the torch path (no empty kernel launches)
+    if not heads.fused_kernels_apply(x.device) or x.numel() == 0:  # zero-row slices: torch path, no empty launch
         return HiggsAudioV2RMSNorm.forward(self, x)
     return LigerRMSNormFunction.apply(x, self.weight, self.variance_epsilon, 0.0, "llama", False)
 
 
 def _liger_swiglu_forward(self: HiggsAudioV2MLP, x: torch.Tensor) -> torch.Tensor:
-    if not x.is_cuda or x.numel() == 0:
+    if not heads.fused_kernels_apply(x.device) or x.numel() == 0:
         return HiggsAudioV2MLP.forward(self, x)
     return self.down_proj(LigerSiLUMulFunction.apply(self.gate_proj(x), self.up_proj(x)))
 
