@@ -144,7 +144,7 @@ def mask_stats(sample: TokenizedSample, tokens: SpecialTokens, audio: AudioSetti
 
 
 def save_batch(batch, path: Path) -> None:
-    tensors = {name: value.contiguous() for name, value in batch.model_inputs().items()}
+    tensors = {name: value.contiguous() for name, value in batch.tensors().items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import save
 

@@ -120,7 +120,7 @@ def test_collate_twice_identical_and_inputs_unmodified(golden_samples, tokens):
     before = copy.deepcopy(samples)
     collate = Collator(tokens, AUDIO)
     first, second = collate(samples), collate(samples)
-    for name, value in first.model_inputs().items():
+    for name, value in first.tensors().items():
         assert torch.equal(value, getattr(second, name)), name
     assert (first.audio_out_labels != IGNORE).any()
     for s, b in zip(samples, before):

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from higgs_ds.model import HiggsAudioForTraining, LossConfig, LossNorm, learnable_counts
+from higgs_ds.data.batch import index_batch
 from higgs_ds.model.losses import next_token_targets
 from model_helpers import audio_in, audio_out, make_batch, random_codes, random_text, randomize, text, tiny_config, \
     tts_sample
@@ -46,26 +47,30 @@ def boundary_batch(armed: bool = False):
         first_frames = (batch.audio_out_labels == -100).all(dim=0)  # the all-bos frame starting each segment
         batch.audio_out_labels[:, first_frames] = batch.audio_out_ids[:, first_frames]
         batch.label_ids[batch.segment_ids == 0] = 7
+        batch = batch.reindexed()
     return batch
 
 
 def test_targets_are_the_next_label_within_each_sample():
     batch = boundary_batch(armed=True)
-    targets = next_token_targets(batch.label_ids, batch.segment_ids, batch.audio_out_mask, batch.audio_out_labels)
+    index = index_batch(batch.label_ids, batch.segment_ids, batch.audio_in_mask, batch.audio_out_mask,
+                        batch.audio_out_labels)
+    targets = next_token_targets(batch.label_ids, batch.audio_out_labels, index)
     text_pairs, audio_pairs = reference_targets(batch)
-    assert list(zip(targets.text_positions.tolist(), targets.text_labels.tolist())) == text_pairs
-    assert list(zip(targets.audio_frames.tolist(), targets.audio_labels.tolist())) == audio_pairs
+    assert list(zip(index.text_target_positions.tolist(), targets.text.tolist())) == text_pairs
+    assert list(zip(index.audio_target_frames.tolist(), targets.audio.tolist())) == audio_pairs
     # The traps: no target at any sample's last position (text or audio frame), nor from or into padding.
     seg, length = batch.segment_ids.flatten(), batch.input_ids.shape[1]
     last_positions = {p for p in range(seg.numel()) if p % length == length - 1 or seg[p] != seg[p + 1]}
-    assert not last_positions & set(targets.text_positions.tolist())
+    assert not last_positions & set(index.text_target_positions.tolist())
     frame_positions = batch.audio_out_mask.flatten().nonzero().squeeze(1)
-    assert not last_positions & set(frame_positions[targets.audio_frames].tolist())
+    assert torch.equal(index.audio_target_positions, frame_positions[index.audio_target_frames])
+    assert not last_positions & set(frame_positions[index.audio_target_frames].tolist())
     assert len(last_positions & set(frame_positions.tolist())) == 2  # samples a and b end with audio-out
     # Unarmed, every labelled audio code is some frame's target (the all-bos first frame carries no label).
     plain = boundary_batch()
-    targets = next_token_targets(plain.label_ids, plain.segment_ids, plain.audio_out_mask, plain.audio_out_labels)
-    assert (targets.audio_labels != -100).sum() == (plain.audio_out_labels != -100).sum()
+    targets = next_token_targets(plain.label_ids, plain.audio_out_labels, plain.index)
+    assert (targets.audio != -100).sum() == (plain.audio_out_labels != -100).sum()
 
 
 def test_packed_loss_is_the_sum_of_the_samples_alone():
@@ -86,8 +91,8 @@ def test_packed_loss_is_the_sum_of_the_samples_alone():
 
 def reference_loss(model, batch, config: LossConfig):
     """Materialized logits + plain cross-entropy over the loop-built targets."""
-    hidden = model.model(batch.input_ids, batch.position_ids, batch.segment_ids, batch.audio_in_mask,
-                         batch.audio_out_mask, batch.audio_in_ids, batch.audio_out_ids)
+    hidden = model.model(batch.input_ids, batch.position_ids, batch.segment_ids, batch.audio_in_ids,
+                         batch.audio_out_ids, batch.index)
     text_pairs, audio_pairs = reference_targets(batch)
     flat = hidden.flatten(0, 1)
     positions, labels = map(torch.tensor, zip(*text_pairs))
@@ -132,6 +137,7 @@ def copy_batch(g, copyable: bool):
         batch.label_ids[:, 1:][learnable] = batch.input_ids[:, :-1][learnable]
         learnable = batch.audio_out_labels[:, 1:] != -100
         batch.audio_out_labels[:, 1:][learnable] = batch.audio_out_ids[:, :-1][learnable]
+        batch = batch.reindexed()
     return batch
 
 

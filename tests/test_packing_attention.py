@@ -1,6 +1,7 @@
 """Packed rows: attention and positions stay inside each sample (SDPA block mask on CPU; varlen flash kwargs)."""
 import torch
 
+from higgs_ds.data.batch import index_batch
 from higgs_ds.model import HiggsAudioForTraining
 from higgs_ds.model.modeling import block_causal_mask, varlen_flash_kwargs
 from model_helpers import audio_in, audio_out, make_batch, random_codes, random_text, randomize, text, tiny_config, \
@@ -77,7 +78,9 @@ def test_rope_uses_the_batch_position_ids():
 
 def test_varlen_flash_kwargs_split_rows_and_segments():
     segments = torch.tensor([[1, 1, 1, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1], [1, 2, 2, 2, 3, 3, 0]])
-    kwargs = varlen_flash_kwargs(segments)
+    no_audio = torch.zeros_like(segments, dtype=torch.bool)
+    kwargs = varlen_flash_kwargs(index_batch(torch.full_like(segments, -100), segments, no_audio, no_audio,
+                                             torch.zeros(4, 0, dtype=torch.long)))
     assert kwargs["cu_seq_lens_q"].tolist() == [0, 3, 5, 7, 14, 15, 18, 20, 21]
     assert kwargs["cu_seq_lens_q"].dtype == torch.int32 and kwargs["cu_seq_lens_k"] is kwargs["cu_seq_lens_q"]
     assert kwargs["max_length_q"] == kwargs["max_length_k"] == 7

@@ -154,6 +154,6 @@ def test_dump_batch(built, tmp_path, tokens, suffix):
         with safe_open(path, "pt") as f:
             keys = json.loads(f.metadata()["sample_keys"])
     assert keys == expected.sample_keys
-    assert got.keys() == expected.model_inputs().keys()
-    for name, value in expected.model_inputs().items():
+    assert got.keys() == expected.tensors().keys()
+    for name, value in expected.tensors().items():
         assert torch.equal(got[name], value), name

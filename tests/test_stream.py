@@ -65,7 +65,7 @@ def run_epoch(loader: ShardLoader) -> list:
 
 def assert_batches_equal(a, b) -> None:
     assert a.sample_keys == b.sample_keys
-    for name, value in a.model_inputs().items():
+    for name, value in a.tensors().items():
         assert torch.equal(value, getattr(b, name)), name
 
 

@@ -115,21 +115,24 @@ def _chunked_pass(hidden, weight, targets, chunk_tokens, grad_scale, want_grad_h
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """(hidden [N, H], weight [heads*V, H], targets [N, heads]) -> (loss_sum [heads], predictions [N, heads]).
 
-    Gradients are computed in forward for unit scales and scaled by grad_output in backward (three matmuls per
-    chunk, as in the materialized path). grad_weight scales per head block, exactly. grad_hidden sums all heads, so
-    it only scales when every head gets the same grad_output (always for one head; for the audio head when the
-    codebook terms are weighted alike); otherwise backward recomputes it with per-head scales (two more matmuls)."""
+    Gradients are computed in forward for unit scales and scaled by grad_output in backward. grad_weight scales per
+    head block, exactly. grad_hidden sums over heads, so it scales exactly only for one head (the text head: three
+    matmuls per chunk, as in the materialized path). With several heads (the audio head; per-codebook normalisers
+    make their grad_outputs differ) backward computes grad_hidden with the per-head scales (two matmuls per chunk,
+    on a small head): deciding at run time whether the scales agree would be a host sync."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_tokens: int, grad_enabled: bool):
         want_hidden, want_weight = (grad_enabled and need for need in ctx.needs_input_grad[:2])
+        multi_head = targets.shape[1] > 1
         unit = torch.ones(targets.shape[1], device=hidden.device) if want_hidden or want_weight else None
         loss_sum, predictions, ctx.grad_hidden, ctx.grad_weight = _chunked_pass(
-            hidden, weight, targets, chunk_tokens, unit, want_hidden, want_weight
+            hidden, weight, targets, chunk_tokens, unit, want_hidden and not multi_head, want_weight
         )
         ctx.grads_ready, ctx.chunk_tokens, ctx.weight_dtype = unit is not None, chunk_tokens, weight.dtype
-        if targets.shape[1] > 1:
-            ctx.save_for_backward(hidden, weight, targets)  # for a recompute with per-head scales
+        ctx.recompute_hidden = want_hidden and multi_head
+        if ctx.recompute_hidden:
+            ctx.save_for_backward(hidden, weight, targets)
         ctx.mark_non_differentiable(predictions)
         return loss_sum, predictions
 
@@ -146,14 +149,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_weight.view(heads, -1).mul_(grad_loss.view(heads, 1))
             grad_weight = grad_weight.to(ctx.weight_dtype)
         if grad_hidden is not None:
-            if heads == 1 or bool((grad_loss == grad_loss[0]).all()):  # one head: no device sync
-                grad_hidden.mul_(grad_loss[0])
-            else:
-                del grad_hidden  # free it before the recompute allocates its replacement
-                hidden, weight, targets = ctx.saved_tensors
-                _, _, grad_hidden, _ = _chunked_pass(
-                    hidden, weight, targets, ctx.chunk_tokens, grad_loss.float(), True, False
-                )
+            grad_hidden.mul_(grad_loss[0])
+        elif ctx.recompute_hidden:
+            hidden, weight, targets = ctx.saved_tensors
+            _, _, grad_hidden, _ = _chunked_pass(hidden, weight, targets, ctx.chunk_tokens, grad_loss.float(), True,
+                                                 False)
         return grad_hidden, grad_weight, None, None, None
 
 
@@ -211,7 +211,7 @@ class LinearCrossEntropyHead(nn.Module):
         return HeadLoss(loss_sum, count, predictions if return_predictions else None)
 
     def _check(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Validates shapes/dtypes/ranges; returns targets as [N, num_heads]."""
+        """Validates shapes and dtypes; returns targets as [N, num_heads]."""
         name = f"LinearCrossEntropyHead(vocab_size={self.vocab_size}, num_heads={self.num_heads})"
         if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size:
             raise ValueError(f"{name}: hidden must be [N, {self.hidden_size}], got {list(hidden.shape)}")
@@ -224,15 +224,8 @@ class LinearCrossEntropyHead(nn.Module):
                 f"{name}: targets must be torch.long of shape {' or '.join(map(str, expected))}, "
                 f"got {targets.dtype} {tuple(targets.shape)}"
             )
-        targets = targets.view(num_rows, self.num_heads)
-        bad = (targets != IGNORE) & ((targets < 0) | (targets >= self.vocab_size))
-        if bad.any():
-            row, head = bad.nonzero()[0].tolist()
-            raise ValueError(
-                f"{name}: targets[{row}, head {head}] = {targets[row, head].item()}; "
-                f"expected {IGNORE} or 0..{self.vocab_size - 1}"
-            )
-        return targets
+        # Ranges are not checked here (that would sync with the device): Batch.validate does it on the CPU.
+        return targets.view(num_rows, self.num_heads)
 
     def _materialized(self, hidden, targets):
         # Matmul in the input dtype, loss in fp32: the same numerics as a chunk, without an fp32 copy of the weight.

@@ -25,14 +25,11 @@ Feed it all-reduced sums/counts to log global means; the model reports this batc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from ..data.batch import IGNORE, Batch
-
-
+from ..data.batch import IGNORE, Batch, BatchIndex
 
 @dataclass(frozen=True)
 class LossConfig:
@@ -54,15 +51,11 @@ class LossNorm:
     grad_scale: float = 1.0
 
 
-@dataclass
-class Targets:
-    """What the heads see, after the shift. Positions index the flattened [B*L] sequence."""
+class Targets(NamedTuple):
+    """The heads' targets, gathered at BatchIndex's target positions (the shift: the label one position on)."""
 
-    text_positions: torch.Tensor  # long [n_text]
-    text_labels: torch.Tensor  # long [n_text]
-    audio_frames: torch.Tensor  # long [n_audio]: columns of audio_out_ids (frame j predicts frame j+1)
-    audio_labels: torch.Tensor  # long [n_audio, K]
-    audio_positions: torch.Tensor  # long [n_audio]: flat sequence positions of those frames
+    text: torch.Tensor  # long [n_text]
+    audio: torch.Tensor  # long [n_audio, K]
 
 
 @dataclass
@@ -71,30 +64,16 @@ class LearnableCounts:
     audio: torch.Tensor  # long [K]
 
 
-def next_token_targets(label_ids: torch.Tensor, segment_ids: torch.Tensor, audio_out_mask: torch.Tensor,
-                       audio_out_labels: torch.Tensor) -> Targets:
-    seq_len = label_ids.shape[1]
-    segments = segment_ids.flatten()
-    same_segment_next = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, :-1] > 0)
-    next_text = F.pad(label_ids[:, 1:].masked_fill(~same_segment_next, IGNORE), (0, 1), value=IGNORE).flatten()
-    text_positions = (next_text != IGNORE).nonzero().squeeze(1)
-
-    # Frames are numbered row-major, so frame j+1 follows frame j exactly when it sits at the next flat position
-    # of the same row (not wrapped to the next row) and the same segment.
-    frame_positions = audio_out_mask.flatten().nonzero().squeeze(1)
-    here, after = frame_positions[:-1], frame_positions[1:]
-    followed = (after == here + 1) & (here % seq_len != seq_len - 1) & (segments[after] == segments[here])
-    next_labels = audio_out_labels[:, 1:].T
-    audio_frames = (followed & (next_labels != IGNORE).any(dim=1)).nonzero().squeeze(1)
-    return Targets(text_positions, next_text[text_positions], audio_frames, next_labels[audio_frames],
-                   frame_positions[audio_frames])
+def next_token_targets(label_ids: torch.Tensor, audio_out_labels: torch.Tensor, index: BatchIndex) -> Targets:
+    """Gathers only (no data-dependent shapes): the positions were chosen by `index_batch` on the CPU."""
+    return Targets(text=label_ids.flatten()[index.text_target_positions + 1],
+                   audio=audio_out_labels[:, index.audio_target_frames + 1].T)
 
 
 def learnable_counts(batch: Batch) -> LearnableCounts:
     """Tokens each head learns from in `batch`: sum these over ranks and micro-batches to build a LossNorm."""
-    targets = next_token_targets(batch.label_ids, batch.segment_ids, batch.audio_out_mask, batch.audio_out_labels)
-    return LearnableCounts(text=(targets.text_labels != IGNORE).sum(),
-                           audio=(targets.audio_labels != IGNORE).sum(dim=0))
+    targets = next_token_targets(batch.label_ids, batch.audio_out_labels, batch.index)
+    return LearnableCounts(text=(targets.text != IGNORE).sum(), audio=(targets.audio != IGNORE).sum(dim=0))
 
 
 def reduce_codebooks(per_codebook: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -33,7 +33,8 @@ from transformers.utils import is_flash_attn_2_available
 from ..model_config import HiggsModelConfig, as_model_config
 from . import heads
 from .heads import HeadLoss, LinearCrossEntropyHead
-from .losses import IGNORE, LossConfig, LossNorm, loss_means, next_token_targets, objective
+from ..data.batch import IGNORE, BatchIndex, index_batch
+from .losses import LossConfig, LossNorm, loss_means, next_token_targets, objective
 
 try:  # CUDA-only fused kernels; the torch path is the reference.
     from liger_kernel.ops.rms_norm import LigerRMSNormFunction
@@ -75,9 +76,8 @@ class HiggsAudioLogits:
 
 @dataclass
 class Routing:
-    """DualFFN routing by index. The residual stream lives in *grouped* order, [B*L, H] with text rows (padding
-    included) first and audio rows (audio-in | audio-out) after, so norms and MLPs run on contiguous slices; only
-    attention sees the sequence order, one gather in and one out per layer."""
+    """DualFFN routing by index (BatchIndex's grouped order): norms and MLPs run on contiguous text and audio slices
+    of the grouped residual stream; only attention sees the sequence order, one gather in and one out per layer."""
 
     order: torch.Tensor  # long [B*L]: flat sequence position of each grouped row
     inverse: torch.Tensor  # long [B*L]: grouped row of each flat sequence position
@@ -85,12 +85,8 @@ class Routing:
     shape: tuple[int, int]  # (B, L)
 
     @classmethod
-    def from_audio_mask(cls, is_audio: torch.Tensor) -> "Routing":
-        flat = is_audio.flatten()
-        order = torch.cat([(~flat).nonzero().squeeze(1), flat.nonzero().squeeze(1)])
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        return cls(order, inverse, order.numel() - int(flat.sum()), tuple(is_audio.shape))
+    def from_index(cls, index: BatchIndex, shape: tuple[int, int]) -> "Routing":
+        return cls(index.grouped_order, index.grouped_inverse, index.num_text_rows, shape)
 
     def to_grouped(self, sequence: torch.Tensor) -> torch.Tensor:
         return sequence.flatten(0, 1).index_select(0, self.order)
@@ -116,15 +112,10 @@ def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return (causal & (segment_ids[:, :, None] == segment_ids[:, None, :]))[:, None]
 
 
-def varlen_flash_kwargs(segment_ids: torch.Tensor) -> dict:
-    """cu_seqlens over the flattened rows: a new sequence starts at every row start and segment change."""
-    flat = segment_ids.flatten()
-    starts = torch.ones_like(flat, dtype=torch.bool)
-    starts[1:] = flat[1:] != flat[:-1]
-    starts[:: segment_ids.shape[1]] = True
-    boundaries = torch.cat([starts.nonzero().squeeze(1), flat.new_tensor([flat.numel()])]).to(torch.int32)
-    max_len = int((boundaries[1:] - boundaries[:-1]).max())
-    return dict(cu_seq_lens_q=boundaries, cu_seq_lens_k=boundaries, max_length_q=max_len, max_length_k=max_len)
+def varlen_flash_kwargs(index: BatchIndex) -> dict:
+    """The kwargs that make transformers' flash-attention path run varlen over the flattened rows."""
+    return dict(cu_seq_lens_q=index.cu_seqlens, cu_seq_lens_k=index.cu_seqlens, max_length_q=index.max_seqlen,
+                max_length_k=index.max_seqlen)
 
 
 # ---------------------------------------------------------------------------------------------------- modules
@@ -195,19 +186,19 @@ class HiggsAudioBackbone(nn.Module):
         self.norm = HiggsAudioV2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
-    def forward(self, input_ids, position_ids, segment_ids, audio_in_mask, audio_out_mask, audio_in_ids,
-                audio_out_ids) -> torch.Tensor:
+    def forward(self, input_ids, position_ids, segment_ids, audio_in_ids, audio_out_ids,
+                index: BatchIndex) -> torch.Tensor:
         embeds = self.embed_tokens(input_ids)
         # One audio-embedding call for audio-in and audio-out frames together: sum over codebooks of row k*V + code.
         audio_embeds = self.embed_audio_tokens(torch.cat([audio_in_ids, audio_out_ids], dim=1).T)
-        audio_positions = torch.cat([audio_in_mask.flatten().nonzero(), audio_out_mask.flatten().nonzero()]).squeeze(1)
-        hidden = embeds.flatten(0, 1).index_copy(0, audio_positions, audio_embeds.to(embeds.dtype)).view_as(embeds)
+        hidden = embeds.flatten(0, 1).index_copy(0, index.audio_positions, audio_embeds.to(embeds.dtype))
+        hidden = hidden.view_as(embeds)
 
-        routing = Routing.from_audio_mask(audio_in_mask | audio_out_mask)
+        routing = Routing.from_index(index, tuple(input_ids.shape))
         attention = AttentionInputs(position_embeddings=self.rotary_emb(hidden, position_ids))
         if self.config._attn_implementation == "flash_attention_2":
-            attention.flash_kwargs = varlen_flash_kwargs(segment_ids)
-        elif not bool((segment_ids == 1).all()):  # one unpadded sample per row needs no mask: SDPA's causal path
+            attention.flash_kwargs = varlen_flash_kwargs(index)
+        elif index.needs_block_mask:  # one unpadded sample per row needs no mask: SDPA's causal path
             attention.mask = block_causal_mask(segment_ids)
         grouped = routing.to_grouped(hidden)
         for layer in self.layers:
@@ -264,37 +255,49 @@ class HiggsAudioForTraining(nn.Module):
     # ------------------------------------------------------------------------------------------------ forward
 
     def forward(self, input_ids, attention_mask, position_ids, segment_ids, label_ids, audio_in_mask,
-                audio_out_mask, audio_in_ids, audio_out_ids, audio_out_labels, loss_norm: LossNorm | None = None,
-                return_predictions: bool = False, num_logged: int = 8) -> HiggsAudioOutput:
-        check_batch(self.config, input_ids, attention_mask, position_ids, segment_ids, label_ids, audio_in_mask,
-                    audio_out_mask, audio_in_ids, audio_out_ids, audio_out_labels)
-        hidden = self.model(input_ids, position_ids, segment_ids, audio_in_mask, audio_out_mask, audio_in_ids,
-                            audio_out_ids).flatten(0, 1)
-        targets = next_token_targets(label_ids, segment_ids, audio_out_mask, audio_out_labels)
-        text: HeadLoss = self.text_lm_head(hidden[targets.text_positions], targets.text_labels, return_predictions)
-        audio: HeadLoss = self.audio_lm_head(hidden[targets.audio_positions], targets.audio_labels,
+                audio_out_mask, audio_in_ids, audio_out_ids, audio_out_labels, index: BatchIndex | None = None,
+                loss_norm: LossNorm | None = None, return_predictions: bool = False,
+                num_logged: int = 8) -> HiggsAudioOutput:
+        """With the Batch's `index` (batch.model_inputs() passes it) forward+backward need no host sync; without
+        one it is computed here, from the tensors, with syncs."""
+        index = self._index(index, label_ids, segment_ids, audio_in_mask, audio_out_mask, audio_out_labels)
+        check_shapes(self.config, input_ids, attention_mask, position_ids, segment_ids, label_ids, audio_in_mask,
+                     audio_out_mask, audio_in_ids, audio_out_ids, audio_out_labels, index)
+        hidden = self.model(input_ids, position_ids, segment_ids, audio_in_ids, audio_out_ids, index).flatten(0, 1)
+        targets = next_token_targets(label_ids, audio_out_labels, index)
+        text: HeadLoss = self.text_lm_head(hidden[index.text_target_positions], targets.text, return_predictions)
+        audio: HeadLoss = self.audio_lm_head(hidden[index.audio_target_positions], targets.audio,
                                              return_predictions)
         text_sum, text_tokens = text.loss_sum[0], text.count[0]
         loss = objective(text_sum, text_tokens, audio.loss_sum, audio.count, self.loss_config, loss_norm)
         logged = {}
         if return_predictions:
-            text_rows = _spread(targets.text_labels.numel(), num_logged, hidden.device)
-            audio_rows = _spread(targets.audio_labels.shape[0], num_logged, hidden.device)
-            logged = dict(text_predictions=text.predictions[text_rows, 0], text_labels=targets.text_labels[text_rows],
-                          audio_predictions=audio.predictions[audio_rows],
-                          audio_labels=targets.audio_labels[audio_rows])
+            text_rows = _spread(targets.text.numel(), num_logged, hidden.device)
+            audio_rows = _spread(targets.audio.shape[0], num_logged, hidden.device)
+            logged = dict(text_predictions=text.predictions[text_rows, 0], text_labels=targets.text[text_rows],
+                          audio_predictions=audio.predictions[audio_rows], audio_labels=targets.audio[audio_rows])
         return HiggsAudioOutput(
             loss=loss, text_loss_sum=text_sum.detach(), text_tokens=text_tokens,
             audio_loss_sum=audio.loss_sum.detach(), audio_tokens=audio.count,
             metrics=loss_means(text_sum, text_tokens, audio.loss_sum, audio.count, self.loss_config), **logged)
 
+    @staticmethod
+    def _index(index, label_ids, segment_ids, audio_in_mask, audio_out_mask, audio_out_labels) -> BatchIndex:
+        if index is not None:
+            return index
+        return index_batch(label_ids, segment_ids, audio_in_mask, audio_out_mask, audio_out_labels)
+
     @torch.no_grad()
     def logits(self, input_ids, attention_mask, position_ids, segment_ids, audio_in_mask, audio_out_mask,
-               audio_in_ids, audio_out_ids, **unused_labels) -> HiggsAudioLogits:
+               audio_in_ids, audio_out_ids, label_ids=None, audio_out_labels=None,
+               index: BatchIndex | None = None) -> HiggsAudioLogits:
         """Full text logits at every position and audio logits at every audio-out frame (materialized)."""
-        hidden = self.model(input_ids, position_ids, segment_ids, audio_in_mask, audio_out_mask, audio_in_ids,
-                            audio_out_ids)
-        audio = self.audio_lm_head(hidden[audio_out_mask])
+        if index is None:  # labels only choose loss targets, which logits do not use
+            label_ids = torch.full_like(input_ids, IGNORE) if label_ids is None else label_ids
+            audio_out_labels = torch.full_like(audio_out_ids, IGNORE) if audio_out_labels is None else audio_out_labels
+        index = self._index(index, label_ids, segment_ids, audio_in_mask, audio_out_mask, audio_out_labels)
+        hidden = self.model(input_ids, position_ids, segment_ids, audio_in_ids, audio_out_ids, index)
+        audio = self.audio_lm_head(hidden.flatten(0, 1)[index.audio_positions[audio_in_ids.shape[1]:]])
         return HiggsAudioLogits(text=self.text_lm_head(hidden.flatten(0, 1)).view(*hidden.shape[:2], -1),
                                 audio=audio.view(-1, self.config.num_codebooks, self.config.codebook_size))
 
@@ -304,9 +307,11 @@ def _spread(count: int, wanted: int, device) -> torch.Tensor:
     return torch.linspace(0, max(count - 1, 0), min(count, wanted), device=device).round().long()
 
 
-def check_batch(config: HiggsAudioV2Config, input_ids, attention_mask, position_ids, segment_ids, label_ids,
-                audio_in_mask, audio_out_mask, audio_in_ids, audio_out_ids, audio_out_labels) -> None:
-    """Shape and range checks with errors that name the field; bad batches fail here, not deep in a kernel."""
+def check_shapes(config: HiggsAudioV2Config, input_ids, attention_mask, position_ids, segment_ids, label_ids,
+                 audio_in_mask, audio_out_mask, audio_in_ids, audio_out_ids, audio_out_labels,
+                 index: BatchIndex) -> None:
+    """What costs nothing to check (shapes and dtypes, no data): a wrong batch fails here with the field's name
+    rather than deep in a kernel. Values and ranges: `Batch.validate` on the CPU."""
     shape = tuple(input_ids.shape)
     for name, value in dict(attention_mask=attention_mask, position_ids=position_ids, segment_ids=segment_ids,
                             label_ids=label_ids, audio_in_mask=audio_in_mask, audio_out_mask=audio_out_mask).items():
@@ -315,21 +320,12 @@ def check_batch(config: HiggsAudioV2Config, input_ids, attention_mask, position_
     for name, mask in dict(audio_in_mask=audio_in_mask, audio_out_mask=audio_out_mask).items():
         if mask.dtype != torch.bool:
             raise ValueError(f"batch.{name} must be bool, got {mask.dtype}")
-    if (audio_in_mask & audio_out_mask).any():
-        raise ValueError("batch.audio_in_mask and batch.audio_out_mask overlap")
-    if not torch.equal(attention_mask.bool(), segment_ids > 0):
-        raise ValueError("batch.attention_mask must equal segment_ids > 0 (padding is segment 0)")
-    num_codebooks, vocab = config.num_codebooks, config.codebook_size
-    for name, ids, mask in (("audio_in_ids", audio_in_ids, audio_in_mask), ("audio_out_ids", audio_out_ids,
-                                                                           audio_out_mask),
-                            ("audio_out_labels", audio_out_labels, audio_out_mask)):
-        expected = (num_codebooks, int(mask.sum()))
-        if tuple(ids.shape) != expected:
-            raise ValueError(f"batch.{name} has shape {tuple(ids.shape)}, expected {expected} "
-                             f"(num_codebooks, frames in the mask)")
-        low = IGNORE if name == "audio_out_labels" else 0
-        if ids.numel() and (((ids < 0) & (ids != low)) | (ids >= vocab)).any():
-            raise ValueError(f"batch.{name} holds values outside [0, {vocab}) (codebook size incl. stream bos/eos)")
-    if (label_ids[audio_in_mask | audio_out_mask | (segment_ids == 0)] != IGNORE).any():
-        raise ValueError("batch.label_ids must be -100 at audio frames (audio targets live in audio_out_labels) "
-                         "and at padding")
+    frames = index.audio_positions.shape[0]
+    if audio_out_ids.shape != audio_out_labels.shape or audio_in_ids.shape[0] != config.num_codebooks \
+            or audio_out_ids.shape[0] != config.num_codebooks or audio_in_ids.shape[1] + audio_out_ids.shape[1] != frames:
+        raise ValueError(f"batch.audio_in_ids {tuple(audio_in_ids.shape)}, audio_out_ids {tuple(audio_out_ids.shape)} "
+                         f"and audio_out_labels {tuple(audio_out_labels.shape)} must be [{config.num_codebooks}, "
+                         f"frames] with {frames} frames in all (batch.index)")
+    if index.grouped_order.shape[0] != input_ids.numel():
+        raise ValueError(f"batch.index is for {index.grouped_order.shape[0]} positions, the batch has "
+                         f"{input_ids.numel()}")
