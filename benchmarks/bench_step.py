@@ -20,6 +20,7 @@ from transformers import HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneratio
 
 from higgs_ds.data.batch import Batch
 from higgs_ds.model import HiggsAudioForTraining
+from higgs_ds.model.host_syncs import DataDependentOps
 from higgs_ds.model.port import port_inputs  # the same port feed the parity tests check
 
 
@@ -81,11 +82,19 @@ def main() -> None:
     batch = tts_batch(config, args.rows, args.length, torch.Generator().manual_seed(0))
     theirs = port_inputs(batch, config)
 
-    def our_step():
+    def our_step(index=batch.index):
         ours.zero_grad(set_to_none=True)
-        loss = ours(**batch.model_inputs()).loss
+        loss = ours(**dict(batch.model_inputs(), index=index)).loss
         loss.backward()
         return loss.item()
+
+    def unindexed_step():  # before the Batch carried its index: the model computed it, with host syncs
+        return our_step(index=None)
+
+    def data_dependent_ops(step) -> int:
+        with DataDependentOps() as ops:
+            step()
+        return sum(ops.found.values()) - 1  # minus the step's own loss.item()
 
     def port_step():
         port.zero_grad(set_to_none=True)
@@ -95,6 +104,7 @@ def main() -> None:
 
     tokens = batch.num_tokens
     our_time, our_loss = time_steps(our_step, args.steps)
+    unindexed_time, _ = time_steps(unindexed_step, args.steps)
     port_time, port_loss = time_steps(port_step, args.steps)
     learnable_text = int((batch.label_ids[:, 1:] != -100).sum())
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
@@ -102,8 +112,12 @@ def main() -> None:
     print(f"batch: {args.rows} x {args.length} tokens, {int(batch.audio_out_mask.sum())} audio-out frames, "
           f"{int(batch.audio_in_mask.sum())} audio-in frames, {learnable_text} learnable text tokens")
     print(f"loss (same weights, same objective): ours {our_loss:.6f}  port {port_loss:.6f}")
-    print(f"ours: {our_time * 1000:8.1f} ms/step  {tokens / our_time:9.1f} tokens/s")
-    print(f"port: {port_time * 1000:8.1f} ms/step  {tokens / port_time:9.1f} tokens/s")
+    print(f"ours: {our_time * 1000:8.1f} ms/step  {tokens / our_time:9.1f} tokens/s  "
+          f"{data_dependent_ops(our_step)} data-dependent ops per forward+backward (Batch carries its index)")
+    print(f"ours, index computed in forward (before): {unindexed_time * 1000:8.1f} ms/step  "
+          f"{data_dependent_ops(unindexed_step)} data-dependent ops; ratio before/after {unindexed_time / our_time:.2f}x")
+    print(f"port: {port_time * 1000:8.1f} ms/step  {tokens / port_time:9.1f} tokens/s  "
+          f"{data_dependent_ops(port_step)} data-dependent ops")
     print(f"speed-up: {port_time / our_time:.2f}x")
 
 
