@@ -27,8 +27,8 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from higgs_ds.data.chatml import AudioRef, SampleError, tokenize_chatml
-from higgs_ds.data.sample import TokenizedSample
+from higgs_ds.data.chatml import AudioRef, sample_from_chatml
+from higgs_ds.data.sample import SampleError, TokenizedSample
 from higgs_ds.data.shards import SplitWriter, atomic_write, data_fingerprint
 from higgs_ds.data.tokens import AudioSettings, SpecialTokens
 from higgs_ds.model_config import ConfigError, read_model_config
@@ -97,35 +97,33 @@ def init_worker(spec: BuildSpec) -> None:
 
 
 def load_codes(ref: AudioRef, where: str) -> np.ndarray:
+    """The codes [K, T] of one audio item: a .npy file of codes, or an audio file the codec encodes. Shapes and
+    ranges are checked by the sample validator."""
     spec: BuildSpec = _worker["spec"]
     url = ref.item.get("audio_url")
     field = f"{where}: audio[{ref.index}].audio_url={url!r}"
     if not isinstance(url, str) or not url:
         raise BadSample(f"{where}: audio[{ref.index}]: needs an audio_url (inline raw_audio is not supported)")
     path = Path(url) if Path(url).is_absolute() else spec.base_dir / url
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except (OSError, ValueError) as exc:  # a component over NAME_MAX, an embedded NUL ...
+        raise BadSample(f"{field}: not a usable path ({type(exc).__name__}: {exc})") from None
+    if not found:
         raise BadSample(f"{field}: file {path} not found")
     if path.suffix == ".npy":
         try:
-            codes = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise BadSample(f"{field}: not a readable .npy array ({exc})") from exc
-    else:
-        if spec.codec_dir is None:
-            raise BadSample(f"{field}: an audio file, but no --codec was given to encode it")
-        if _worker["codec"] is None:
-            _worker["codec"] = CodecEncoder(spec.codec_dir)
-        try:
-            codes = _worker["codec"](path)
-        except RuntimeError as exc:  # soundfile.LibsndfileError is a RuntimeError
-            raise BadSample(f"{field}: cannot read/encode audio ({exc})") from exc
-    k, size = spec.audio.num_codebooks, spec.audio.codes_per_codebook
-    if codes.ndim != 2 or codes.shape[0] != k or codes.shape[1] < 1 or not np.issubdtype(codes.dtype, np.integer):
-        raise BadSample(f"{field}: codes {codes.dtype} {codes.shape}, expected integer [{k}, T>=1] "
-                        "(codebooks first)")
-    if codes.min() < 0 or codes.max() >= size:
-        raise BadSample(f"{field}: codes span [{codes.min()}, {codes.max()}], expected [0, {size})")
-    return codes.astype(np.int16)
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file
+            raise BadSample(f"{field}: not a readable .npy array ({type(exc).__name__}: {exc})") from None
+    if spec.codec_dir is None:
+        raise BadSample(f"{field}: an audio file, but no --codec was given to encode it")
+    if _worker["codec"] is None:
+        _worker["codec"] = CodecEncoder(spec.codec_dir)
+    try:
+        return _worker["codec"](path)
+    except RuntimeError as exc:  # soundfile.LibsndfileError is a RuntimeError
+        raise BadSample(f"{field}: cannot read/encode audio ({exc})") from exc
 
 
 def process_line(job: tuple[int, str, bytes]) -> Result:
@@ -134,19 +132,19 @@ def process_line(job: tuple[int, str, bytes]) -> Result:
     try:
         try:
             sample = json.loads(text)
-        except ValueError as exc:
-            raise BadSample(f"line {line}: malformed JSON ({exc})") from exc
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser allows
+            raise BadSample(f"line {line}: malformed JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
         key = sample.get("id", line) if isinstance(sample, dict) else line
         if not isinstance(key, (str, int)) or isinstance(key, bool):
             raise BadSample(f"line {line}: id: expected a string or integer, got {type(key).__name__}")
         where = f"line {line} (sample {str(key)!r})"
         try:
-            chat = tokenize_chatml(sample, _worker["tokenizer"], spec.tokens, key=str(key))
+            out = sample_from_chatml(sample, _worker["tokenizer"], spec.tokens, spec.audio,
+                                     lambda ref: load_codes(ref, where), key=str(key), meta={"line": line})
         except SampleError as exc:
-            raise BadSample(f"line {line}: {exc}") from exc
-        codes = [load_codes(ref, where) for ref in chat.audio]
-        meta = {"line": line, "speaker": chat.speaker}
-        return Result(line, split, TokenizedSample(str(key), chat.input_ids, chat.label_ids, codes, meta))
+            raise BadSample(f"line {line}: {exc}") from None
+        out.audio_codes = [c.astype(np.int16) for c in out.audio_codes]  # validated: codes < codes_per_codebook
+        return Result(line, split, out)
     except BadSample as exc:
         return Result(line, split, error=str(exc))
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from higgs_ds.data.chatml import tokenize_chatml
+from higgs_ds.data.chatml import sample_from_chatml
 from higgs_ds.data.sample import TokenizedSample
-from higgs_ds.data.tokens import SpecialTokens
+from higgs_ds.data.tokens import AudioSettings, SpecialTokens
 
 TESTS = Path(__file__).resolve().parent
 TINY_TOKENIZER = TESTS / "assets" / "tiny_tokenizer"
@@ -27,14 +27,15 @@ def tokens(tokenizer) -> SpecialTokens:
     return SpecialTokens.from_tokenizer(tokenizer)
 
 
-def load_sample_set(samples_jsonl: Path, tokenizer, tokens: SpecialTokens) -> dict[str, TokenizedSample]:
+def load_sample_set(samples_jsonl: Path, tokenizer, tokens: SpecialTokens,
+                    audio: AudioSettings = AudioSettings()) -> dict[str, TokenizedSample]:
     """A sample set as reference/make_data_goldens.py describes it → TokenizedSamples by key, in file order."""
     out = {}
     for line in samples_jsonl.read_text().splitlines():
         row = json.loads(line)
-        chat = tokenize_chatml(row["sample"], tokenizer, tokens, key=row["key"])
-        codes = [np.load(samples_jsonl.parent / ref.item["audio_url"], allow_pickle=False) for ref in chat.audio]
-        out[row["key"]] = TokenizedSample(row["key"], chat.input_ids, chat.label_ids, codes)
+        out[row["key"]] = sample_from_chatml(
+            row["sample"], tokenizer, tokens, audio, key=row["key"],
+            load_codes=lambda ref: np.load(samples_jsonl.parent / ref.item["audio_url"], allow_pickle=False))
     return out
 
 

@@ -2,30 +2,27 @@
 from __future__ import annotations
 
 import copy
-import re
 
 import numpy as np
 import pytest
 import torch
 
-from higgs_ds.data.batch import Batch
-from higgs_ds.data.chatml import SampleError, tokenize_chatml
+from higgs_ds.data.batch import IGNORE, Batch
+from higgs_ds.data.chatml import sample_from_chatml
 from higgs_ds.data.collator import Collator
-from higgs_ds.data.sample import TokenizedSample
+from higgs_ds.data.sample import SampleError, TokenizedSample
 from higgs_ds.data.tokens import AudioSettings
 
-from higgs_ds.data.batch import IGNORE
 AUDIO = AudioSettings()
 
 
 def chat_sample(tokenizer, tokens, key: str, messages: list, frames: list[int], start_index=None,
                 seed=0) -> TokenizedSample:
     """A tokenized ChatML sample whose audio items get random codes with the given frame counts."""
-    chat = tokenize_chatml({"messages": messages, "start_index": start_index}, tokenizer, tokens, key=key)
     rng = np.random.default_rng(seed)
-    codes = [rng.integers(0, 1024, size=(8, t), dtype=np.int16) for t in frames]
-    assert len(codes) == len(chat.audio)
-    return TokenizedSample(key, chat.input_ids, chat.label_ids, codes)
+    return sample_from_chatml({"messages": messages, "start_index": start_index}, tokenizer, tokens, AUDIO, key=key,
+                              load_codes=lambda ref: rng.integers(0, 1024, size=(8, frames[ref.index]),
+                                                                  dtype=np.int16))
 
 
 def tts(tokenizer, tokens, key="tts", frames=(5, 5, 5), start_index=None, seed=0) -> TokenizedSample:
@@ -218,30 +215,6 @@ def test_sample_longer_than_pack_length_is_rejected(tokenizer, tokens):
     with pytest.raises(SampleError, match=r"^sample 'too_long': input_ids \+ audio_codes: \d+ tokens once expanded, "
                                           r"more than pack_length=100"):
         Collator(tokens, AUDIO, layout="packed", pack_length=100)([sample])
-
-
-def bad_codes(sample: TokenizedSample, n: int, codes: np.ndarray) -> TokenizedSample:
-    changed = copy.deepcopy(sample)
-    changed.audio_codes[n] = codes
-    return changed
-
-
-@pytest.mark.parametrize("mutate, field, why", [
-    (lambda s: bad_codes(s, 1, np.zeros((9, 4), np.int16)), "audio_codes[1]", r"\[8, T>=1\], got int16 \(9, 4\)"),
-    (lambda s: bad_codes(s, 0, np.zeros((8, 0), np.int16)), "audio_codes[0]", r"T>=1"),
-    (lambda s: bad_codes(s, 0, np.zeros(8, np.int16)), "audio_codes[0]", r"\[8, T>=1\]"),
-    (lambda s: bad_codes(s, 0, np.zeros((8, 4), np.float32)), "audio_codes[0]", r"float32"),
-    (lambda s: bad_codes(s, 2, np.full((8, 4), 1024)), "audio_codes[2]", r"\[1024, 1024\], expected \[0, 1024\)"),
-    (lambda s: bad_codes(s, 2, np.full((8, 4), -1)), "audio_codes[2]", r"expected \[0, 1024\)"),
-    (lambda s: TokenizedSample(s.key, s.input_ids, s.label_ids, s.audio_codes[:2]), "audio_codes",
-     "2 segments but input_ids hold 3"),
-    (lambda s: TokenizedSample(s.key, s.input_ids, s.label_ids[:-1], s.audio_codes), "label_ids", "shaped like"),
-    (lambda s: TokenizedSample(s.key, s.input_ids[:0], s.label_ids[:0], []), "input_ids", "non-empty"),
-])
-def test_invalid_samples_are_rejected(tokenizer, tokens, mutate, field, why):
-    good = tts(tokenizer, tokens, key="bad_one", frames=(4, 4, 4))
-    with pytest.raises(SampleError, match=rf"^sample 'bad_one': {re.escape(field)}: .*{why}"):
-        Collator(tokens, AUDIO)([text_only(tokenizer, tokens), mutate(good)])
 
 
 def test_bad_collator_arguments(tokens):

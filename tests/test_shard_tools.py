@@ -80,11 +80,11 @@ def test_validate_reports_every_problem(built, tmp_path, tokens, capsys):
     expected = [
         r"train-000000\.tar: key '000001' \(sample '.+'\): input_ids\.npy: not a \.npy array",
         r"train-000000\.tar: 30720 bytes, sha256 \w+…; the manifest says 30720 bytes, sha256 \w+…",
-        r"train-000001\.tar: key '000000' \(sample '.+'\): audio_codes\.npy: codes span \[\d+, \d+\], expected "
+        r"train-000001\.tar: key '000000' \(sample '.+'\): audio_codes\[0\]: codes span \[\d+, \d+\], expected "
         r"\[0, 1024\)",
-        r"train-000001\.tar: key '000002' \(sample '.+'\): audio_codes\.npy: 7 codebooks, the model has 8",
-        r"train-000002\.tar: key '000003' \(sample '.+'\): input_ids\.npy: 0 <\|AUDIO\|>/<\|AUDIO_OUT\|> placeholders "
-        r"but [12] audio segments",
+        r"train-000001\.tar: key '000002' \(sample '.+'\): audio_codes\[0\]: expected an integer array \[8, T>=1\], got int16 \(7, \d+\)",
+        r"train-000002\.tar: key '000003' \(sample '.+'\): audio_codes: [12] segments but input_ids hold 0 "
+        r"<\|AUDIO\|>/<\|AUDIO_OUT\|> placeholders",
         r"train-000003\.tar: no end-of-archive marker: the tar is truncated",
         r"train-000003\.tar: manifest says samples=4, the shard has 2",
         r"stray\.tar: in .* but not in its manifest",

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from higgs_ds.data.chatml import tokenize_chatml
+from higgs_ds.data.chatml import sample_from_chatml
 from higgs_ds.data.collator import Collator
 from higgs_ds.data.sample import TokenizedSample
 from higgs_ds.data.shards import Manifest, SplitWriter, data_fingerprint, decode_sample, read_shard
@@ -30,10 +30,10 @@ def make_samples(n: int, tokenizer, tokens, seed: int = 0) -> list[TokenizedSamp
     frames = {}
     out = []
     for i in range(n):
-        chat = tokenize_chatml(chatml(i, lambda name, t: frames.setdefault(name, t) and name), tokenizer, tokens,
-                               key=f"s{i}")
-        codes = [rng.integers(0, 1024, (8, frames[ref.item["audio_url"]])).astype(np.int16) for ref in chat.audio]
-        out.append(TokenizedSample(f"s{i}", chat.input_ids, chat.label_ids, codes, {"i": i}))
+        out.append(sample_from_chatml(
+            chatml(i, lambda name, t: frames.setdefault(name, t) and name), tokenizer, tokens, AUDIO, key=f"s{i}",
+            load_codes=lambda ref: rng.integers(0, 1024, (8, frames[ref.item["audio_url"]])).astype(np.int16),
+            meta={"i": i}))
     return out
 
 
@@ -271,7 +271,7 @@ def test_corrupt_data_is_skipped_and_counted(split, samples, tokens, tmp_path, c
     log = caplog.text
     assert names[3] in log and "manifest says" in log
     assert f"{names[1]}: key '000002'" in log and "input_ids.npy: not a .npy array" in log
-    assert f"{names[5]}: key '000001'" in log and "audio_codes.npy: codes span" in log
+    assert f"{names[5]}: key '000001'" in log and "audio_codes[0]: codes span" in log
 
 
 def test_batch_without_any_good_sample_becomes_blank(tmp_path, samples, tokenizer, tokens, caplog):

@@ -163,13 +163,6 @@ class Batch:
             value = getattr(self, name)
             if tuple(value.shape) != shape or value.dtype != dtype:
                 raise BatchError(f"batch.{name} is {value.dtype} {list(value.shape)}, expected {dtype} {list(shape)}")
-        frames = {"audio_in_ids": int(self.audio_in_mask.sum()), "audio_out_ids": int(self.audio_out_mask.sum()),
-                  "audio_out_labels": int(self.audio_out_mask.sum())}
-        for name, count in frames.items():
-            value = getattr(self, name)
-            if tuple(value.shape) != (num_codebooks, count) or value.dtype != torch.long:
-                raise BatchError(f"batch.{name} is {value.dtype} {list(value.shape)}, expected torch.int64 "
-                                 f"[{num_codebooks}, {count}] (codebooks, frames in its mask)")
         if self.sample_keys and len(self.sample_keys) != int(self._segment_starts().sum()):
             raise BatchError(f"batch.sample_keys names {len(self.sample_keys)} samples, the rows hold "
                              f"{int(self._segment_starts().sum())} segments")
@@ -186,6 +179,14 @@ class Batch:
         fail_at(self.audio_in_mask & self.audio_out_mask, "audio_in_mask", "overlaps audio_out_mask")
         fail_at((self.audio_in_mask | self.audio_out_mask) & ~real, "audio_in_mask | audio_out_mask",
                 "an audio frame in padding")
+        frames = {"audio_in_ids": int(self.audio_in_mask.sum()), "audio_out_ids": int(self.audio_out_mask.sum()),
+                  "audio_out_labels": int(self.audio_out_mask.sum())}
+        for name, count in frames.items():
+            value = getattr(self, name)
+            if tuple(value.shape) != (num_codebooks, count) or value.dtype != torch.long:
+                raise BatchError(f"batch.{name} is {value.dtype} {list(value.shape)}, expected torch.int64 "
+                                 f"[{num_codebooks}, {count}] (codebooks, frames in its mask)")
+
         fail_at((self.input_ids < 0) | (self.input_ids >= vocab_size), "input_ids",
                 f"expected a text id in [0, {vocab_size})")
         fail_at((self.label_ids != IGNORE) & ((self.label_ids < 0) | (self.label_ids >= vocab_size)), "label_ids",

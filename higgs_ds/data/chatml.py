@@ -8,19 +8,17 @@ Two upstream quirks are kept for parity: the first turn's prefix starts with <|b
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, NoReturn
 
 import numpy as np
 
 from .batch import IGNORE
-from .tokens import SpecialTokens
+from .sample import SampleError, TokenizedSample
+from .tokens import AudioSettings, SpecialTokens
 
-AUDIO_ROLES = ("user", "system", "assistant")
-
-
-class SampleError(ValueError):
-    """A sample that cannot be tokenized; the message names the sample key and the offending field."""
+AUDIO_ROLES = ("user", "system", "assistant")  # also the roles of upstream's templates; others are kept, reported
 
 
 @dataclass
@@ -37,6 +35,7 @@ class ChatMLTokens:
     label_ids: np.ndarray  # int32 [L]
     audio: list[AudioRef]
     speaker: str | None
+    unknown_roles: list[str]  # roles outside AUDIO_ROLES (text-only turns; upstream keeps them as spelled)
 
 
 def _content_items(content: Any, where: str, fail: Callable[[str, str], NoReturn]) -> list[tuple[str, str, dict]]:
@@ -72,10 +71,13 @@ def tokenize_chatml(sample: Mapping, tokenizer, tokens: SpecialTokens, key: str 
     """Tokens and labels of one upstream ChatML sample; `key` names the sample in errors."""
 
     def fail(where: str, why: str) -> NoReturn:
-        raise SampleError(f"sample {key!r}: {where}: {why}")
+        raise SampleError(key, where, why)
 
-    def encode(text: str) -> list[int]:
-        return tokenizer.encode(text, add_special_tokens=False)
+    def encode(text: str, where: str) -> list[int]:
+        try:
+            return tokenizer.encode(text, add_special_tokens=False)
+        except (TypeError, UnicodeError) as exc:  # e.g. a lone surrogate ("\ud800") the Rust tokenizer refuses
+            fail(where, f"text the tokenizer cannot encode ({type(exc).__name__}: {exc})")
 
     if not isinstance(sample, Mapping):
         fail("<sample>", f"expected a JSON object, got {type(sample).__name__}")
@@ -123,13 +125,14 @@ def tokenize_chatml(sample: Mapping, tokenizer, tokens: SpecialTokens, key: str 
         trained = role == "assistant" and (start_index is None or turn >= start_index)
 
         bos = "<|begin_of_text|>" if turn == 0 else ""
-        emit(encode(f"{bos}<|start_header_id|>{role}<|end_header_id|>\n\n"), False)
+        emit(encode(f"{bos}<|start_header_id|>{role}<|end_header_id|>\n\n", f"{where}.role"), False)
         if recipient:
-            emit(encode(f"{recipient}<|recipient|>"), True)  # upstream: labelled even before start_index
+            # upstream: labelled even before start_index
+            emit(encode(f"{recipient}<|recipient|>", f"{where}.recipient"), True)
 
         for path, kind, item in items:
             if kind == "text":
-                ids = encode(item["text"])
+                ids = encode(item["text"], path)
                 if placeholders.intersection(ids):
                     fail(path, "text contains a literal <|AUDIO|>/<|AUDIO_OUT|> placeholder; it would shift "
                                "every later audio segment")
@@ -140,18 +143,40 @@ def tokenize_chatml(sample: Mapping, tokenizer, tokens: SpecialTokens, key: str 
                            f"misaligning every later segment); audio may only appear in {AUDIO_ROLES}")
             is_out = role == "assistant"
             if is_out:
-                ids = encode("<|audio_out_bos|><|AUDIO_OUT|><|audio_eos|>")
+                ids = encode("<|audio_out_bos|><|AUDIO_OUT|><|audio_eos|>", path)
             else:
-                ids = encode("<|audio_bos|><|AUDIO|><|audio_eos|>")
+                ids = encode("<|audio_bos|><|AUDIO|><|audio_eos|>", path)
             emit(ids, trained)
             audio.append(AudioRef(index=len(audio), role=role, is_out=is_out, item=item))
 
         next_is_assistant = turn + 1 < len(messages) and messages[turn + 1].get("role") == "assistant"
-        emit(encode("<|eom_id|>" if role == "assistant" and next_is_assistant else "<|eot_id|>"), trained)
+        emit(encode("<|eom_id|>" if role == "assistant" and next_is_assistant else "<|eot_id|>", where), trained)
 
     ids = np.asarray(input_ids, dtype=np.int32)
     found = int(tokens.is_placeholder(ids).sum())
     if found != len(audio):  # e.g. a role or recipient spelling a placeholder, or a tokenizer without them
         fail("messages", f"{found} <|AUDIO|>/<|AUDIO_OUT|> placeholders in the tokens but {len(audio)} audio items")
+    unknown = sorted({m["role"] for m in messages} - set(AUDIO_ROLES))
     return ChatMLTokens(input_ids=ids, label_ids=np.asarray(label_ids, dtype=np.int32), audio=audio,
-                        speaker=speaker)
+                        speaker=speaker, unknown_roles=unknown)
+
+
+def sample_from_chatml(sample: Mapping, tokenizer, tokens: SpecialTokens, audio: AudioSettings,
+                       load_codes: Callable[[AudioRef], np.ndarray], key: str,
+                       meta: Mapping[str, Any] | None = None) -> TokenizedSample:
+    """The one way from an upstream ChatML sample to a validated TokenizedSample (builder and tests alike):
+    tokenize, load each audio item's codes [K, T] with `load_codes`, validate. Raises SampleError."""
+    chat = tokenize_chatml(sample, tokenizer, tokens, key)
+    codes = [load_codes(ref) for ref in chat.audio]
+    out = TokenizedSample(key, chat.input_ids, chat.label_ids, codes, {**(meta or {}), "speaker": chat.speaker})
+    if chat.unknown_roles:
+        out.meta["unknown_roles"] = chat.unknown_roles
+    try:
+        out.validate(tokens, audio, vocab_size=len(tokenizer))
+    except SampleError as exc:
+        segment = re.fullmatch(r"audio_codes\[(\d+)\]", exc.field)
+        if segment is None:
+            raise
+        ref = chat.audio[int(segment.group(1))]
+        raise SampleError(key, f"audio[{ref.index}].audio_url={ref.item.get('audio_url')!r}", exc.why) from None
+    return out

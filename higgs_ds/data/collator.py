@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from .batch import IGNORE, Batch
-from .chatml import SampleError
-from .sample import TokenizedSample
+from .sample import SampleError, TokenizedSample
 from .tokens import AudioSettings, SpecialTokens
 
 LAYOUTS = ("padded", "packed")
@@ -63,14 +62,10 @@ class Collator:
         self.tokens, self.audio, self.layout = tokens, audio, layout
         self.round_to, self.pack_length = round_to, pack_length
 
-    def __call__(self, samples: Sequence[TokenizedSample], *, check: bool = True) -> Batch:
-        """`check=False` skips the sample validation, for callers whose samples were validated already
-        (the stream's `decode_sample` checks the same things)."""
+    def __call__(self, samples: Sequence[TokenizedSample]) -> Batch:
+        """Samples must be valid (`TokenizedSample.validate`, run where they enter: ChatML and shard decode)."""
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
-        if check:
-            for sample in samples:
-                self._check_shapes(sample)
         lengths = np.array([s.num_expanded_tokens(self.audio) for s in samples])
         rows = self._pack(samples, lengths) if self.layout == "packed" else [[i] for i in range(len(samples))]
         order = [i for row in rows for i in row]
@@ -81,8 +76,6 @@ class Collator:
         labels = np.concatenate([s.label_ids for s in placed]).astype(np.int64)
         is_placeholder = self.tokens.is_placeholder(ids)
         codes = [c for s in placed for c in s.audio_codes]
-        if check:
-            self._check_contents(placed, is_placeholder, codes)
         seg_is_out = ids[is_placeholder] == self.tokens.audio_out
         seg_trained = labels[is_placeholder] >= 0  # upstream: the <|AUDIO_OUT|> text label decides
         in_ids, _ = self._streams([c for c, out in zip(codes, seg_is_out) if not out], None)
@@ -157,37 +150,6 @@ class Collator:
                                                          f"pack_length={self.pack_length}")
         return first_fit_decreasing(lengths, self.pack_length)
 
-    def _check_shapes(self, sample: TokenizedSample) -> None:
-        ids, labels, k = sample.input_ids, sample.label_ids, self.audio.num_codebooks
-        if ids.ndim != 1 or len(ids) == 0 or ids.dtype.kind not in "iu":
-            _fail(sample, "input_ids", f"expected a non-empty 1-D integer array, got {ids.dtype} {ids.shape}")
-        if labels.shape != ids.shape or labels.dtype.kind not in "iu":
-            _fail(sample, "label_ids", f"expected an integer array shaped like input_ids {ids.shape}, got "
-                                       f"{labels.dtype} {labels.shape}")
-        for n, c in enumerate(sample.audio_codes):
-            if c.ndim != 2 or c.shape[0] != k or c.shape[1] < 1 or c.dtype.kind not in "iu":
-                _fail(sample, f"audio_codes[{n}]", f"expected an integer array [{k}, T>=1], got {c.dtype} {c.shape}")
-
-    def _check_contents(self, placed: list[TokenizedSample], is_placeholder: np.ndarray,
-                        codes: list[np.ndarray]) -> None:
-        """Placeholder counts and code ranges, checked over the whole batch at once; then find the culprit."""
-        sizes = np.array([len(s.input_ids) for s in placed])
-        found = np.add.reduceat(is_placeholder, np.cumsum(sizes) - sizes, dtype=np.int64)
-        for s, n in zip(placed, found):
-            if n != len(s.audio_codes):
-                _fail(s, "audio_codes", f"{len(s.audio_codes)} segments but input_ids hold {n} "
-                                        "<|AUDIO|>/<|AUDIO_OUT|> placeholders")
-        if not codes:
-            return
-        size = self.audio.codes_per_codebook
-        every_code = np.concatenate(codes, axis=1)
-        if every_code.min() >= 0 and every_code.max() < size:
-            return
-        for s in placed:
-            for n, c in enumerate(s.audio_codes):
-                if c.min() < 0 or c.max() >= size:
-                    _fail(s, f"audio_codes[{n}]", f"codes span [{c.min()}, {c.max()}], expected [0, {size})")
-
 
 def _fail(sample: TokenizedSample, field: str, why: str) -> NoReturn:
-    raise SampleError(f"sample {sample.key!r}: {field}: {why}")
+    raise SampleError(sample.key, field, why)

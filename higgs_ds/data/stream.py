@@ -216,6 +216,7 @@ class _RankEpoch(IterableDataset):
         self.infos = loader.manifest.shards
         self.offsets, self.lengths = loader.offsets, loader.all_lengths
         self.collator, self.tokens, self.audio = loader.collator, loader.manifest.tokens, loader.manifest.audio
+        self.vocab_size = loader.manifest.vocab_size
         workers = loader.workers
         self.slots = plan.slots[loader.rank * workers:(loader.rank + 1) * workers]
         self.per_slot, self.start = plan.batches_per_slot, start
@@ -252,7 +253,7 @@ class _RankEpoch(IterableDataset):
                 samples = [got.pop(sid) for sid in batches[emitted].tolist() if sid in got]
                 batch = None
                 try:
-                    batch = self.collator(samples, check=False) if samples else None
+                    batch = self.collator(samples) if samples else None
                 except ValueError as exc:  # decode_sample validated every sample; this is a backstop
                     report.add("corrupt_samples", len(samples), f"collator rejected a batch: {exc}")
                 if batch is None:
@@ -289,7 +290,7 @@ class _RankEpoch(IterableDataset):
                 if sid in todo:
                     todo.discard(sid)
                     try:
-                        sample = decode_sample(raw, self.tokens, self.audio)
+                        sample = decode_sample(raw, self.tokens, self.audio, self.vocab_size)
                         length = sample.num_expanded_tokens(self.audio)
                         if length != self.lengths[sid]:
                             raise ShardError(f"{info.name}: key {key!r}: {length} expanded tokens, the lengths "

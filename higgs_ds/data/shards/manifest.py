@@ -74,6 +74,11 @@ class Manifest:
     def audio(self) -> AudioSettings:
         return AudioSettings(**self.fingerprint["audio"])
 
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's: every text id in the shards lies below it."""
+        return int(self.fingerprint["vocab_size"])
+
     def shard_path(self, shard: ShardInfo) -> Path:
         return self.path.parent / shard.name
 
@@ -114,7 +119,7 @@ class Manifest:
             shards = [ShardInfo(**{k: v for k, v in s.items() if k in names}) for s in body["shards"]]
             manifest = cls(split=body["split"], fingerprint=body["fingerprint"], shards=shards,
                            skipped=body.get("skipped", 0), build=body.get("build", {}), path=path)
-            manifest.tokens, manifest.audio  # noqa: B018 - fail here, not deep in a worker
+            manifest.tokens, manifest.audio, manifest.vocab_size  # noqa: B018 - fail here, not deep in a worker
         except (KeyError, TypeError) as exc:
             raise ShardError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from exc
         return manifest

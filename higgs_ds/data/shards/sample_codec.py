@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..batch import IGNORE
-from ..sample import TokenizedSample
+from ..sample import SampleError, TokenizedSample
 from ..tokens import AudioSettings, SpecialTokens
 
 FIELDS = ("input_ids.npy", "label_ids.npy", "audio_codes.npy", "audio_lengths.npy", "meta.json")
@@ -62,8 +62,10 @@ def encode_sample(sample: TokenizedSample, tar_key: str) -> dict[str, Any]:
     }
 
 
-def decode_sample(raw: Mapping[str, Any], tokens: SpecialTokens, audio: AudioSettings) -> TokenizedSample:
-    """A raw tar sample ({"__key__", "__url__", field: bytes}) → validated TokenizedSample, or ShardError."""
+def decode_sample(raw: Mapping[str, Any], tokens: SpecialTokens, audio: AudioSettings,
+                  vocab_size: int | None = None) -> TokenizedSample:
+    """A raw tar sample ({"__key__", "__url__", field: bytes}) → validated TokenizedSample, or ShardError.
+    The shard format is checked here; the sample contract by `TokenizedSample.validate`."""
     where = f"{Path(str(raw.get('__url__', '?'))).name}: key {raw.get('__key__', '?')!r}"
 
     def fail(name: str, why: str):
@@ -86,34 +88,25 @@ def decode_sample(raw: Mapping[str, Any], tokens: SpecialTokens, audio: AudioSet
 
     try:
         meta = json.loads(raw["meta.json"])
-    except (ValueError, UnicodeDecodeError) as exc:
-        fail("meta.json", f"not valid JSON ({exc})")
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        fail("meta.json", f"not valid JSON ({type(exc).__name__}: {str(exc)[:200]})")
     if not isinstance(meta, dict) or not isinstance(meta.get("key"), str) or not isinstance(meta.get("meta"), dict):
         fail("meta.json", 'expected {"key": str, "meta": object}')
     where += f" (sample {meta['key']!r})"
 
     ids, labels = array("input_ids.npy", np.int32, 1), array("label_ids.npy", np.int32, 1)
     codes, lengths = array("audio_codes.npy", np.int16, 2), array("audio_lengths.npy", np.int32, 1)
-    if len(ids) == 0:
-        fail("input_ids.npy", "empty")
-    if labels.shape != ids.shape:
-        fail("label_ids.npy", f"shape {labels.shape} differs from input_ids {ids.shape}")
-    if not np.all((labels == IGNORE) | (labels == ids)):
-        fail("label_ids.npy", "labels must be -100 or equal to input_ids (unshifted)")
-    if codes.shape[1] and codes.shape[0] != audio.num_codebooks:
-        fail("audio_codes.npy", f"{codes.shape[0]} codebooks, the model has {audio.num_codebooks}")
     if np.any(lengths < 1) or int(lengths.sum()) != codes.shape[1]:
         fail("audio_lengths.npy", f"segment lengths {lengths.tolist()} must be >= 1 and sum to the "
                                   f"{codes.shape[1]} code columns of audio_codes")
-    if codes.size and (codes.min() < 0 or codes.max() >= audio.codes_per_codebook):
-        fail("audio_codes.npy", f"codes span [{codes.min()}, {codes.max()}], expected [0, {audio.codes_per_codebook})")
-    placeholders = int(tokens.is_placeholder(ids).sum())
-    if placeholders != len(lengths):
-        fail("input_ids.npy", f"{placeholders} <|AUDIO|>/<|AUDIO_OUT|> placeholders but {len(lengths)} audio "
-                              "segments")
     segments = np.split(codes, np.cumsum(lengths)[:-1], axis=1) if len(lengths) else []
-    return TokenizedSample(key=meta["key"], input_ids=ids, label_ids=labels, audio_codes=segments,
-                           meta=meta["meta"])
+    sample = TokenizedSample(key=meta["key"], input_ids=ids, label_ids=labels, audio_codes=segments,
+                             meta=meta["meta"])
+    try:
+        sample.validate(tokens, audio, vocab_size)
+    except SampleError as exc:
+        fail(exc.field, exc.why)
+    return sample
 
 
 def sample_counts(sample: TokenizedSample, tokens: SpecialTokens, audio: AudioSettings) -> dict[str, int]:
