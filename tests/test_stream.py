@@ -17,7 +17,8 @@ from higgs_ds.data.chatml import sample_from_chatml
 from higgs_ds.data.collator import Collator
 from higgs_ds.data.sample import TokenizedSample
 from higgs_ds.data.shards import Manifest, SplitWriter, data_fingerprint, decode_sample, read_shard
-from higgs_ds.data.stream import Budget, ShardLoader, plan_epoch, shuffle_buffer
+from higgs_ds.data.plan import Budget, plan_epoch, shuffle_buffer
+from higgs_ds.data.stream import ShardLoader
 from higgs_ds.data.tokens import AudioSettings
 from test_shards import chatml
 
@@ -80,16 +81,79 @@ def test_shuffle_buffer_is_a_seeded_permutation():
     assert all(item <= i + 9 for i, item in enumerate((once - 100).tolist()))
 
 
-def test_plan_balances_uneven_shards():
-    lengths = [np.full(n, 10, dtype=np.int32) for n in (18, 50, 30)]
-    plan = plan_epoch(lengths, epoch=0, seed=0, num_slots=2, budget=Budget(batch_size=4))
-    assert sorted(sorted(slot.shards) for slot in plan.slots) == [[0, 2], [1]]  # largest first to the lighter slot
-    # 50 samples make 13 batches, 48 make 12: both slots keep 12, the last 2 samples of the first are dropped.
-    assert plan.batches_per_slot == 12 and plan.dropped == 2 and plan.too_long == 0
-    kept = np.concatenate([slot.samples for slot in plan.slots])
-    assert len(kept) == len(set(kept.tolist())) == 96 and set(kept.tolist()) <= set(range(98))
-    with pytest.raises(ValueError, match="3 shards cannot feed 8"):
+def covered(plan, lengths) -> list[int]:
+    """Global sample ids of every slot's pieces, slot by slot, checking each piece against its shard."""
+    offsets = np.cumsum([0] + [len(x) for x in lengths])
+    out = []
+    for s in sorted(plan.slots):
+        for piece in plan.slots[s].pieces:
+            assert 0 <= piece.start < piece.end <= len(lengths[piece.shard])
+            out += list(range(offsets[piece.shard] + piece.start, offsets[piece.shard] + piece.end))
+    return out
+
+
+@pytest.mark.parametrize("num_slots", [1, 2, 3, 8, 16])
+def test_plan_splits_the_read_sequence_evenly(num_slots):
+    rng = np.random.default_rng(num_slots)
+    lengths = [rng.integers(10, 200, n).astype(np.int32) for n in (18, 50, 30, 0, 7)]
+    total = sum(len(x) for x in lengths)
+    plan = plan_epoch(lengths, epoch=3, seed=1, num_slots=num_slots, budget=Budget(max_tokens=400))
+    ids = covered(plan, lengths)
+    assert sorted(ids) == list(range(total)), "every sample is read by exactly one slot"
+    every = np.concatenate(lengths).astype(np.int64)
+    weights = [int(every[[i for p in slot.pieces for i in range(
+        sum(len(x) for x in lengths[:p.shard]) + p.start, sum(len(x) for x in lengths[:p.shard]) + p.end)]].sum())
+        for slot in plan.slots.values()]
+    assert max(weights) - min(weights) <= 2 * int(every.max()), "slots differ by about one sample"
+    for slot in plan.slots.values():
+        assert slot.planned == len(slot.samples) + slot.dropped + slot.too_long
+        assert len(slot.bounds) == plan.batches_per_slot + 1
+        assert set(slot.samples.tolist()) <= set(covered(type(plan)(0, {0: slot}, 0, False), lengths))
+    kept = np.concatenate([slot.samples for slot in plan.slots.values()])
+    assert len(kept) == len(set(kept.tolist())) == total - plan.total("dropped") - plan.total("too_long")
+
+
+def test_last_epoch_drops_nothing_and_pads_with_empty_batches():
+    lengths = [np.full(n, 10, dtype=np.int32) for n in (18, 51, 30)]
+    trimmed = plan_epoch(lengths, epoch=0, seed=0, num_slots=4, budget=Budget(batch_size=4), shuffle=False)
+    padded = plan_epoch(lengths, epoch=0, seed=0, num_slots=4, budget=Budget(batch_size=4), shuffle=False,
+                        last=True)
+    sizes = sorted(s.planned for s in padded.slots.values())
+    assert sizes == [24, 25, 25, 25] and trimmed.batches_per_slot == 6 and padded.batches_per_slot == 7
+    assert trimmed.total("dropped") == 3 and padded.total("dropped") == 0
+    kept = np.concatenate([s.samples for s in padded.slots.values()])
+    assert sorted(kept.tolist()) == list(range(99))
+    short = [s for s in padded.slots.values() if s.planned == 24][0]
+    assert len(short.batch(6)) == 0 and all(len(short.batch(b)) == 4 for b in range(6))
+
+
+def test_each_rank_plans_its_own_slots_and_agrees_through_agree_min():
+    """Planned slot by slot with an injected minimum, the plan equals the whole plan made in one process."""
+    rng = np.random.default_rng(0)
+    lengths = [rng.integers(10, 90, n).astype(np.int32) for n in rng.integers(5, 40, 9)]
+    budget, ranks, workers = Budget(max_tokens=300, layout="packed", pack_length=100), 3, 2
+    for last in (False, True):
+        whole = plan_epoch(lengths, epoch=2, seed=4, num_slots=ranks * workers, budget=budget, last=last)
+        local = []
+        for r in range(ranks):  # first round: what each rank would contribute to the all-reduce
+            plan_epoch(lengths, 2, 4, ranks * workers, budget, slots=[2 * r, 2 * r + 1], last=last,
+                       agree_min=lambda v: local.append(v) or v)
+        for r in range(ranks):
+            part = plan_epoch(lengths, 2, 4, ranks * workers, budget, slots=[2 * r, 2 * r + 1], last=last,
+                              agree_min=lambda v: min(local))
+            assert part.batches_per_slot == whole.batches_per_slot
+            for s in (2 * r, 2 * r + 1):
+                np.testing.assert_array_equal(part.slots[s].samples, whole.slots[s].samples)
+                np.testing.assert_array_equal(part.slots[s].bounds, whole.slots[s].bounds)
+    with pytest.raises(ValueError, match="needs agree_min"):
+        plan_epoch(lengths, 0, 0, 6, budget, slots=[0, 1])
+
+
+def test_too_little_data_for_the_slots_is_refused():
+    lengths = [np.full(5, 10, dtype=np.int32)]
+    with pytest.raises(ValueError, match=r"5 samples in 1 shards cannot give each of the 8 rank×worker slots a batch"):
         plan_epoch(lengths, epoch=0, seed=0, num_slots=8, budget=Budget(batch_size=4))
+    assert plan_epoch(lengths, epoch=0, seed=0, num_slots=4, budget=Budget(batch_size=1)).batches_per_slot == 1
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
@@ -126,8 +190,9 @@ def test_ranks_and_workers_cover_the_epoch_once(split, samples, tokens, layout, 
             loader = ShardLoader(split, collator, rank=rank, world_size=2, num_workers=2, seed=5, shuffle_buffer=4,
                                  **budget)
             loader.set_epoch(epoch)
+            planned = len(loader)
             batches = run_epoch(loader)
-            counts.append((len(batches), len(loader)))
+            counts.append((len(batches), planned))
             stats = loader.plan(epoch)
             for batch in batches:
                 if "max_tokens" in budget:
@@ -142,7 +207,7 @@ def test_ranks_and_workers_cover_the_epoch_once(split, samples, tokens, layout, 
             orders.append([k for b in batches for k in b.sample_keys])
         assert counts[0][0] == counts[1][0] == counts[0][1] == counts[1][1] > 0
         assert len(seen) == len(set(seen)), "a sample was seen twice"
-        assert len(seen) == len(samples) - stats.dropped - stats.too_long
+        assert len(seen) == len(samples) - stats.total("dropped") - stats.total("too_long")
         if epoch == 0:
             first_epoch = orders
     assert orders != first_epoch, "the order must change between epochs"
@@ -196,8 +261,8 @@ def test_state_refuses_another_layout(split, tokens):
     other = Collator(type(tokens)(**{**tokens.__dict__, "pad": tokens.eot}), AUDIO)
     with pytest.raises(ValueError, match="special tokens"):
         ShardLoader(split, other, max_tokens=500)
-    with pytest.raises(ValueError, match="8 shards cannot feed 12"):
-        ShardLoader(split, collator, rank=0, world_size=3, num_workers=4, max_tokens=500)
+    with pytest.raises(ValueError, match="cannot give each of the 96 rank×worker slots a batch"):
+        ShardLoader(split, collator, rank=0, world_size=24, num_workers=4, max_tokens=500)
 
 
 def rewrite_shard(path: Path, change) -> None:
@@ -264,7 +329,7 @@ def test_corrupt_data_is_skipped_and_counted(split, samples, tokens, tmp_path, c
         damaged_seen |= {k for b in batches for k in b.sample_keys}
         stats.append(loader.stats())
     lost = (lost_to_truncation | corrupted) & clean_seen
-    assert damaged_seen == clean_seen - lost
+    assert damaged_seen - {"<blank>"} == clean_seen - lost
     assert sum(s["corrupt_samples"] + s["missing_samples"] for s in stats) == len(lost)
     assert sum(s["corrupt_samples"] for s in stats) >= len(corrupted & clean_seen)
     assert sum(s["bad_shards"] for s in stats) >= 1
@@ -288,3 +353,127 @@ def test_batch_without_any_good_sample_becomes_blank(tmp_path, samples, tokenize
     assert blank.input_ids.tolist() == [[tokens.pad]]
     assert loader.stats()["blank_batches"] == 1 and loader.stats()["missing_samples"] == 2
     assert "train-000001.tar" in caplog.text and "unreadable tar" in caplog.text
+
+
+def assert_accounting(stats: dict) -> None:
+    assert stats["planned_samples"] == (stats["seen_samples"] + stats["corrupt_samples"] + stats["missing_samples"]
+                                        + stats["dropped_samples"] + stats["too_long_samples"]), stats
+
+
+def rewrite_members(path: Path, change) -> None:
+    """Rewrite a shard's member list: `change([(name, bytes)]) -> [(name, bytes)]`."""
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    path.chmod(0o644)
+    with tarfile.open(path, "w") as tar:
+        for name, data in change(members):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def by_sample(members):
+    groups: dict[str, list] = {}
+    for name, data in members:
+        groups.setdefault(name.split(".", 1)[0], []).append((name, data))
+    return groups
+
+
+DAMAGE = {
+    # A sample's members moved after the next sample's: both still arrive and are used.
+    "out of order": lambda m: (lambda g: g["000000"] + g["000002"] + g["000001"]
+                               + [x for k, v in g.items() if k not in ("000000", "000001", "000002") for x in v])(
+        by_sample(m)),
+    # Members no sample position names: counted as strays, no sample lost. (A slot stops reading a shard after
+    # its last wanted sample: strays past that point go unseen; `shard_tools validate` reads everything.)
+    "stray keys": lambda m: [("².input_ids.npy", b"x"), ("zzz.meta.json", b"{}")] + m[:5] + [
+        ("000099.meta.json", b"{}")] + m[5:],
+    # A repeated sample: the second copy is a stray.
+    "repeated key": lambda m: (lambda g: g["000000"] + g["000001"] + g["000002"] + g["000001"] + [
+        x for k, v in g.items() if k not in ("000000", "000001", "000002") for x in v])(by_sample(m)),
+    # A meta.json nested deeper than json can parse: that sample is corrupt.
+    "deep meta.json": lambda m: [(n, b"[" * 100000 + b"]" * 100000 if n == "000001.meta.json" else d)
+                                 for n, d in m],
+    # A field of an unknown name beside a good sample, and one sample missing a field.
+    "unknown field": lambda m: [(n, d) for n, d in m if n != "000002.label_ids.npy"] + [("000001.extra.bin", b"?")],
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_tar_member_damage_is_counted_exactly(tmp_path, samples, tokenizer, tokens, damage):
+    split = write_split(tmp_path / "split", samples[:24], (6, 6, 6, 6), tokenizer, tokens)
+    rewrite_members(split / "train-000001.tar", DAMAGE[damage])
+    keys_in_shard = {s.key for s in samples[6:12]}
+    collator = Collator(tokens, AUDIO)
+    seen, stats = [], []
+    for rank in range(2):
+        loader = ShardLoader(split, collator, rank=rank, world_size=2, num_workers=0, seed=3, batch_size=2,
+                             num_epochs=1)
+        seen += [k for b in run_epoch(loader) for k in b.sample_keys if k != "<blank>"]
+        stats.append(loader.stats())
+        assert_accounting(stats[-1])
+    total = {k: sum(s[k] for s in stats) for k in stats[0] if k.endswith(("samples", "members"))}
+    assert total["planned_samples"] == 24 and total["dropped_samples"] == 0
+    lost = {"out of order": 0, "stray keys": 0, "repeated key": 0, "deep meta.json": 1, "unknown field": 1}[damage]
+    assert total["corrupt_samples"] == lost and total["missing_samples"] == 0
+    assert total["stray_members"] == {"stray keys": 3, "repeated key": 1}.get(damage, 0)
+    assert len(seen) == len(set(seen)) == 24 - lost and len(keys_in_shard - set(seen)) == lost
+
+
+def test_stats_after_an_epoch_report_that_epoch(split, samples, tokens):
+    collator = Collator(tokens, AUDIO)
+    loader = ShardLoader(split, collator, world_size=1, num_workers=0, seed=2, max_tokens=300)
+    first = run_epoch(loader)
+    after = loader.stats()
+    assert after["batches_per_epoch"] == len(first) and after["epoch"] == 1 and after["position"] == 0
+    assert after["seen_samples"] == sum(len(b.sample_keys) for b in first) and after["planned_samples"] == len(samples)
+    assert_accounting(after)
+    second = run_epoch(loader)
+    assert loader.stats()["batches_per_epoch"] == len(second)
+    assert loader.stats()["planned_samples"] == 2 * len(samples)
+    assert_accounting(loader.stats())
+
+
+def test_small_dataset_streams_on_8_ranks_x_2_workers(tmp_path, tokenizer, tokens):
+    """A typical single-voice fine-tune (300 samples) in the builder's default single shard feeds 16 slots: every
+    rank takes the same number of steps, and in the only epoch every sample is seen once."""
+    many = make_samples(300, tokenizer, tokens, seed=1)
+    split = write_split(tmp_path / "split", many, (300,), tokenizer, tokens)
+    collator = Collator(tokens, AUDIO, layout="packed", pack_length=512)
+    loaders = [ShardLoader(split, collator, rank=r, world_size=8, num_workers=2, seed=0, max_tokens=1024,
+                           num_epochs=1) for r in range(8)]
+    assert len({len(loader) for loader in loaders}) == 1 and len(loaders[0]) >= 2
+    planned = [sid for loader in loaders for s in loader.my_slots for sid in loader.plan(0).slots[s].samples.tolist()]
+    assert sorted(planned) == list(range(300))
+    keys = [k for b in run_epoch(loaders[5]) for k in b.sample_keys if k != "<blank>"]
+    expected = {many[sid].key for s in loaders[5].my_slots for sid in loaders[5].plan(0).slots[s].samples.tolist()}
+    assert sorted(keys) == sorted(expected)
+
+
+def test_state_records_the_samples_each_slot_consumed(split, tokens):
+    collator = Collator(tokens, AUDIO)
+    loader = ShardLoader(split, collator, rank=1, world_size=2, num_workers=2, seed=7, max_tokens=250)
+    delivered = []
+    for n, batch in enumerate(loader):
+        delivered.append(batch.sample_keys)
+        if n == 4:
+            break
+    state = json.loads(json.dumps(loader.state_dict()))
+    consumed = {int(s): ids for s, ids in state["consumed"].items()}
+    assert sorted(consumed) == [2, 3]
+    names = [decode_sample(raw, tokens, AUDIO).key for info in loader.manifest.shards
+             for raw in read_shard(loader.manifest.shard_path(info))]
+    assert sorted(names[sid] for ids in consumed.values() for sid in ids) == sorted(k for b in delivered for k in b)
+
+
+def test_a_shard_read_by_two_slots_reports_its_strays_once(tmp_path, samples, tokenizer, tokens):
+    split = write_split(tmp_path / "split", samples[:12], (12,), tokenizer, tokens)
+    rewrite_members(split / "train-000000.tar", lambda m: [("x.meta.json", b"{}"), ("y.meta.json", b"{}")] + m)
+    collator = Collator(tokens, AUDIO)
+    stats = []
+    for rank in range(2):
+        loader = ShardLoader(split, collator, rank=rank, world_size=2, num_workers=0, batch_size=2, num_epochs=1)
+        assert loader.plan(0).slots[rank].pieces[0].shard == 0
+        run_epoch(loader)
+        stats.append(loader.stats())
+    assert [s["stray_members"] for s in stats] == [2, 0] and sum(s["seen_samples"] for s in stats) == 12

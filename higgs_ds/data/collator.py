@@ -17,30 +17,11 @@ import numpy as np
 import torch
 
 from .batch import IGNORE, Batch
+from .packing import first_fit_decreasing, round_up
 from .sample import SampleError, TokenizedSample
 from .tokens import AudioSettings, SpecialTokens
 
 LAYOUTS = ("padded", "packed")
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
-    """Rows of indices into `lengths` (each <= capacity): longest first, each into the first row with room.
-    The stream plans its packed batches with this same function, so its row counts are the collator's."""
-    free = np.zeros(0, dtype=np.int64)
-    rows: list[list[int]] = []
-    for i in np.argsort(-np.asarray(lengths), kind="stable"):
-        fits = np.flatnonzero(free >= lengths[i])
-        if len(fits):
-            rows[fits[0]].append(int(i))
-            free[fits[0]] -= lengths[i]
-        else:
-            rows.append([int(i)])
-            free = np.append(free, capacity - lengths[i])
-    return rows
 
 
 class Collator:
