@@ -9,6 +9,7 @@ Two upstream quirks are kept for parity: the first turn's prefix starts with <|b
 from __future__ import annotations
 
 import re
+import reprlib  # bounded reprs: a value in an error message may be nested arbitrarily deep
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, NoReturn
 
@@ -62,7 +63,7 @@ def _content_items(content: Any, where: str, fail: Callable[[str, str], NoReturn
             if not isinstance(item.get("audio_url"), str) and not isinstance(item.get("raw_audio"), str):
                 fail(path, "audio item needs a string 'audio_url' or 'raw_audio'")
         else:
-            fail(path, f"unknown content type {kind!r} (expected 'text' or 'audio')")
+            fail(path, f"unknown content type {reprlib.repr(kind)} (expected 'text' or 'audio')")
         items.append((path, kind, dict(item)))
     return items
 
@@ -86,7 +87,7 @@ def tokenize_chatml(sample: Mapping, tokenizer, tokens: SpecialTokens, key: str 
         fail("messages", "expected a non-empty list of messages")
     start_index = sample.get("start_index")
     if start_index is not None and (type(start_index) is not int or start_index < 0):
-        fail("start_index", f"expected a non-negative int or null, got {start_index!r}")
+        fail("start_index", f"expected a non-negative int or null, got {reprlib.repr(start_index)}")
     speaker = sample.get("speaker")
     misc = sample.get("misc")
     if misc is not None and not isinstance(misc, Mapping):
@@ -114,7 +115,7 @@ def tokenize_chatml(sample: Mapping, tokenizer, tokens: SpecialTokens, key: str 
         where = f"messages[{turn}]"
         role, recipient = message.get("role"), message.get("recipient")
         if not isinstance(role, str) or not role:
-            fail(f"{where}.role", f"expected a non-empty string, got {role!r}")
+            fail(f"{where}.role", f"expected a non-empty string, got {reprlib.repr(role)}")
         if recipient is not None and not isinstance(recipient, str):
             fail(f"{where}.recipient", f"expected a string, got {type(recipient).__name__}")
         if recipient and role != "assistant":  # upstream tests truthiness: "" means no recipient
