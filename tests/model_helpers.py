@@ -143,3 +143,16 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator)
             param.copy_(1.0 + 0.3 * noise if name.endswith("norm.weight") else 0.15 * noise)
+
+
+def mixed_packed_batch(config: HiggsAudioV2Config, seed: int, pad_to: int) -> Batch:
+    """Two packed rows, two samples each: text, audio-in, audio-out (trained and not), right padding in both."""
+    g = torch.Generator().manual_seed(seed)
+    row0 = [tts_sample(g, config, reference_frames=3, frames=6),
+            [text(random_text(g, 4), labelled=True), audio_out(random_codes(g, config, 3))]]
+    row1 = [[audio_out(random_codes(g, config, 4), labelled=False), text(random_text(g, 5), labelled=True)],
+            [text(random_text(g, 3)), audio_in(random_codes(g, config, 2)), text(random_text(g, 2), labelled=True)]]
+    batch = make_batch([row0, row1], config, pad_to=pad_to)
+    assert batch.audio_in_ids.shape[1] and batch.audio_out_ids.shape[1]
+    assert (batch.segment_ids == 0).any(dim=1).all() and (batch.segment_ids == 2).any(dim=1).all()
+    return batch

@@ -17,23 +17,13 @@ from transformers.models.higgs_audio_v2.modeling_higgs_audio_v2 import HiggsAudi
 from higgs_ds.model import HiggsAudioForTraining, LossNorm, learnable_counts
 from higgs_ds.model import heads, modeling
 from higgs_ds.model.losses import next_token_targets
-from model_helpers import audio_in, audio_out, make_batch, random_codes, random_text, randomize, text, tiny_config, \
-    tts_sample
+from model_helpers import make_batch, mixed_packed_batch, random_text, randomize, text, tiny_config
 
 CONFIG = tiny_config()
 
 
 def packed_batch(config=CONFIG):
-    """Two rows, two samples each (text, audio-in, audio-out learnable and not), right padding in both rows."""
-    g = torch.Generator().manual_seed(5)
-    row0 = [tts_sample(g, config, reference_frames=3, frames=6),
-            [text(random_text(g, 4), labelled=True), audio_out(random_codes(g, config, 3))]]
-    row1 = [[audio_out(random_codes(g, config, 4), labelled=False), text(random_text(g, 5), labelled=True)],
-            [text(random_text(g, 3)), audio_in(random_codes(g, config, 2)), text(random_text(g, 2), labelled=True)]]
-    batch = make_batch([row0, row1], config, pad_to=64)
-    assert batch.audio_in_ids.shape[1] and batch.audio_out_ids.shape[1]
-    assert (batch.segment_ids == 0).any(dim=1).all() and (batch.segment_ids == 2).any(dim=1).all()
-    return batch
+    return mixed_packed_batch(config, seed=5, pad_to=64)
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -7,22 +7,13 @@ import torch
 
 from higgs_ds.model import HiggsAudioForTraining, LossNorm, learnable_counts
 from higgs_ds.model.host_syncs import DataDependentOps
-from model_helpers import audio_in, audio_out, make_batch, random_codes, random_text, randomize, text, tiny_config, \
-    tts_sample
+from model_helpers import mixed_packed_batch, randomize, tiny_config
 
 CONFIG = tiny_config()
 
 
 def packed_batch():
-    """Two packed rows with text, audio-in, audio-out (trained and not) and padding."""
-    g = torch.Generator().manual_seed(3)
-    row0 = [tts_sample(g, CONFIG, reference_frames=3, frames=6),
-            [text(random_text(g, 4), labelled=True), audio_out(random_codes(g, CONFIG, 3))]]
-    row1 = [[audio_out(random_codes(g, CONFIG, 4), labelled=False), text(random_text(g, 5), labelled=True)],
-            [text(random_text(g, 3)), audio_in(random_codes(g, CONFIG, 2)), text(random_text(g, 2), labelled=True)]]
-    batch = make_batch([row0, row1], CONFIG, pad_to=60)
-    assert batch.audio_in_ids.shape[1] and batch.audio_out_ids.shape[1] and (batch.segment_ids == 0).any()
-    return batch
+    return mixed_packed_batch(CONFIG, seed=3, pad_to=60)
 
 
 def count_step(model, batch, with_index: bool = True, plant=None, **forward_kwargs) -> DataDependentOps:
