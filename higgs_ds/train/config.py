@@ -1,0 +1,193 @@
+"""The run's configuration: typed sections loaded from YAML with `key=value` overrides (OmegaConf structured
+configs: an unknown key, a wrong type or a missing value is an error), and the DeepSpeed JSON reconciled with it.
+
+One source of truth: micro-batch size (1 by our convention: batches are token budgets), gradient accumulation,
+precision and gradient clipping are the run YAML's; the DeepSpeed JSON may repeat them only with the same value.
+Everything here runs before any process group forms, so a bad config stops every rank with one message.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+FREEZE_RECIPES = ("none", "audio_only", "text_head_only")
+PRECISIONS = ("fp32", "bf16")
+
+
+class RunConfigError(ValueError):
+    """A run config (YAML, overrides or DeepSpeed JSON) that cannot run; the message names the key and the file."""
+
+
+@dataclass
+class ModelSection:
+    pretrained: Optional[str] = None  # checkpoint directory (boson or transformers layout) to start from
+    config: Optional[str] = None  # model config (directory or config.json) to start from random weights instead
+    tokenizer: str = MISSING  # tokenizer directory (special-token ids; checked against the shards)
+    attn_implementation: str = "auto"  # auto | sdpa | flash_attention_2
+    head_impl: str = "auto"  # auto | chunked | liger | materialized
+    activation_checkpointing: bool = False
+    text_weight: float = 1.0
+    audio_weight: float = 1.0
+    audio_reduction: str = "sum"  # sum | mean over codebooks
+    init_seed: int = 0  # random initialisation (model.config only)
+
+
+@dataclass
+class DataSection:
+    train: str = MISSING  # split directory (data_tools.build_shards OUT/train)
+    val: Optional[str] = None
+    layout: str = "packed"  # padded | packed
+    pack_length: Optional[int] = 4096  # packed layout only
+    max_tokens: int = 16384  # batch budget per micro-batch (positions of the collated tensor)
+    round_to: int = 64
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class OptimSection:
+    name: str = "adamw"  # adamw | sgd (sgd: tests that check gradients through one step)
+    lr: float = 1e-5
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.0  # not applied to norms, biases and embeddings
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = off
+
+
+@dataclass
+class TrainSection:
+    out_dir: str = MISSING  # checkpoints/ and the resolved config go here
+    deepspeed: str = MISSING  # DeepSpeed JSON (ds_configs/)
+    precision: str = "bf16"  # fp32 | bf16
+    grad_accum: int = 1  # micro-batches per optimizer step
+    epochs: int = 1
+    max_steps: Optional[int] = None  # stop earlier than `epochs`
+    freeze: str = "none"  # none | audio_only | text_head_only
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end (when data.val is set)
+    save_every: int = 0  # 0 = only at the end
+    keep_last: int = 2  # complete checkpoints kept
+    resume: str = "none"  # none | auto (newest complete checkpoint in out_dir, if any) | a checkpoint directory
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """YAML file (optional) + `section.key=value` overrides → a checked RunConfig."""
+    try:
+        merged = OmegaConf.structured(RunConfig)
+        if path is not None:
+            if not Path(path).is_file():
+                raise RunConfigError(f"--config {path}: no such file")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise RunConfigError(f"override {item!r}: expected section.key=value")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        config: RunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        where = f"{path}" if path is not None else "overrides"
+        raise RunConfigError(f"{where}: {str(exc).splitlines()[0]}") from None
+    check(config)
+    return config
+
+
+def check(config: RunConfig) -> None:
+    """Values each section can check alone (paths, choices, ranges); data/model agreement is checked by the
+    engine's preflight once the tokenizer and manifests are read, still before any process group."""
+    m, d, o, t = config.model, config.data, config.optim, config.train
+
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise RunConfigError(f"{key}: {why}")
+
+    need((m.pretrained is None) != (m.config is None), "model.pretrained / model.config",
+         "give exactly one: a checkpoint to fine-tune, or a model config to start from random weights")
+    for key, value in (("model.pretrained", m.pretrained), ("model.config", m.config), ("model.tokenizer", m.tokenizer),
+                       ("data.train", d.train), ("data.val", d.val), ("train.deepspeed", t.deepspeed)):
+        need(value is None or Path(value).exists(), key, f"{value}: no such file or directory")
+    need(d.layout in ("padded", "packed"), "data.layout", f"expected padded or packed, got {d.layout!r}")
+    need((d.layout == "packed") == (d.pack_length is not None), "data.pack_length",
+         "set for, and only for, data.layout=packed (use null with padded)")
+    need(m.audio_reduction in ("sum", "mean"), "model.audio_reduction", f"expected sum or mean, got {m.audio_reduction!r}")
+    need(o.name in ("adamw", "sgd"), "optim.name", f"expected adamw or sgd, got {o.name!r}")
+    need(t.precision in PRECISIONS, "train.precision", f"expected one of {PRECISIONS}, got {t.precision!r}")
+    need(t.freeze in FREEZE_RECIPES, "train.freeze", f"expected one of {FREEZE_RECIPES}, got {t.freeze!r}")
+    need(t.resume in ("none", "auto") or Path(t.resume).is_dir(), "train.resume",
+         f"expected none, auto or a checkpoint directory, got {t.resume!r}")
+    for key, value, low in (("train.grad_accum", t.grad_accum, 1), ("train.epochs", t.epochs, 1),
+                            ("train.keep_last", t.keep_last, 1), ("train.log_every", t.log_every, 1),
+                            ("data.max_tokens", d.max_tokens, 1), ("data.round_to", d.round_to, 1),
+                            ("data.num_workers", d.num_workers, 0), ("optim.warmup_steps", o.warmup_steps, 0),
+                            ("train.eval_every", t.eval_every, 0), ("train.save_every", t.save_every, 0)):
+        need(value >= low, key, f"must be >= {low}, got {value}")
+    need(o.lr > 0 and 0 <= o.min_lr_ratio <= 1, "optim.lr / optim.min_lr_ratio", "need lr > 0, 0 <= ratio <= 1")
+
+
+def deepspeed_config(config: RunConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON with our values filled in; a JSON value that contradicts the run config is refused."""
+    t, o = config.train, config.optim
+    path = Path(t.deepspeed)
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RunConfigError(f"train.deepspeed {path}: not readable JSON ({exc})") from None
+    if not isinstance(ds, dict):
+        raise RunConfigError(f"train.deepspeed {path}: expected a JSON object")
+    ours = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": t.grad_accum,
+            "train_batch_size": world_size * t.grad_accum, "gradient_clipping": o.grad_clip}
+    why = {"train_micro_batch_size_per_gpu": "batches are token budgets (data.max_tokens): the micro-batch is 1",
+           "gradient_accumulation_steps": "set train.grad_accum in the run config",
+           "train_batch_size": "it follows from world size × train.grad_accum",
+           "gradient_clipping": "set optim.grad_clip in the run config"}
+    for key, value in ours.items():
+        if key in ds and ds[key] not in ("auto", value):
+            raise RunConfigError(f"train.deepspeed {path}: {key}={ds[key]!r} contradicts the run config ({value}): "
+                                 f"{why[key]}")
+        ds[key] = value
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise RunConfigError(f"train.deepspeed {path}: remove {key!r}: the optimizer and schedule come from the "
+                                 "run config's optim section")
+    bf16 = bool(ds.get("bf16", {}).get("enabled", False))
+    fp16 = bool(ds.get("fp16", {}).get("enabled", False))
+    if fp16:
+        raise RunConfigError(f"train.deepspeed {path}: fp16 is not supported (use bf16 or fp32)")
+    if bf16 != (t.precision == "bf16"):
+        raise RunConfigError(f"train.deepspeed {path}: bf16.enabled={bf16} contradicts train.precision="
+                             f"{t.precision}")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (2, 3):
+        raise RunConfigError(f"train.deepspeed {path}: zero_optimization.stage must be 2 or 3, got {stage}")
+    return ds
+
+
+def fingerprint(config: RunConfig) -> str:
+    """What a resumed run must share with the saved one (everything but the knobs that may change on resume)."""
+    import hashlib
+
+    d = config.to_dict()
+    for key in ("resume", "max_steps", "epochs", "log_every", "eval_every", "save_every",
+                "keep_last", "out_dir", "deepspeed"):
+        d["train"].pop(key)
+    d["data"].pop("num_workers")
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

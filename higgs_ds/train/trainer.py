@@ -1,0 +1,393 @@
+"""The training run: preflight (no process group yet), model under ZeRO, the step loop, evaluation, checkpoints.
+
+One optimizer step: take the step's `grad_accum` micro-batches first, sum their learnable counts and all-reduce
+them, then run each forward with that global `LossNorm` (grad_scale = world × accumulation undoes DeepSpeed's mean
+over ranks and micro-batches), so the step's gradient is the single-process gradient of the whole step's data.
+Every logged value is all-reduced. Rank 0 hands each step's values to the hooks (`StepHook`), and a hook's stop
+request reaches every rank through a broadcast flag."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import torch
+
+from ..data.batch import Batch
+from ..data.collator import Collator
+from ..data.shards import Manifest, check_fingerprint, data_fingerprint
+from ..data.stream import ShardLoader
+from ..data.tokens import SpecialTokens
+from ..model import HiggsAudioForTraining, LossConfig, LossNorm, learnable_counts, loss_means, read_model_config
+from . import checkpointing
+from .components import apply_freeze, param_groups, trainable_names, warmup_cosine
+from .config import RunConfig, RunConfigError, deepspeed_config, fingerprint
+from .weights import load_pretrained, weight_plan
+
+log = logging.getLogger("higgs_ds.train")
+
+
+@dataclass
+class StepReport:
+    """What rank 0's hooks receive after each optimizer step. Values are all-reduced over ranks."""
+
+    step: int
+    total_steps: int
+    metrics: dict[str, float]  # loss/..., lr, grad_norm, throughput/..., counts
+    rank_learnable: list[list[int]]  # per rank: [text, audio] learnable tokens this step
+    predictions: dict[str, Any] | None = None  # rank 0's last micro-batch: model predictions, labels, sample keys
+    stream: dict[str, int] = field(default_factory=dict)
+
+
+class StepHook(Protocol):
+    def on_step(self, report: StepReport) -> None: ...
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None: ...
+    def stop_requested(self) -> bool: ...
+
+
+@dataclass
+class Setup:
+    """Everything read and checked before any process group forms."""
+
+    config: RunConfig
+    ds: dict
+    model_config: Any
+    tokenizer: Any
+    tokens: SpecialTokens
+    world_size: int
+    zero3: bool
+
+
+def preflight(config: RunConfig, world_size: int) -> Setup:
+    """Read the tokenizer, the model config and the manifests and check that they agree; every failure is one
+    RunConfigError message, raised on every rank alike before DeepSpeed starts."""
+    from transformers import AutoTokenizer
+
+    ds = deepspeed_config(config, world_size)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer)
+    except (OSError, ValueError) as exc:
+        raise RunConfigError(f"model.tokenizer {config.model.tokenizer}: not a tokenizer ({exc})") from None
+    source = config.model.pretrained or config.model.config
+    try:
+        model_config = read_model_config(source, tokenizer)
+        tokens = SpecialTokens.from_tokenizer(tokenizer, model_config.pad_token_id)
+    except ValueError as exc:
+        raise RunConfigError(f"model: {exc}") from None
+    expected = data_fingerprint(tokenizer, tokens, model_config.audio)
+    for key, split in (("data.train", config.data.train), ("data.val", config.data.val)):
+        if split is None:
+            continue
+        try:
+            check_fingerprint(Manifest.load(split), expected)
+        except ValueError as exc:
+            raise RunConfigError(f"{key}: {exc}") from None
+    if config.model.pretrained is not None:
+        try:
+            weight_plan(config.model.pretrained)
+        except (OSError, ValueError) as exc:
+            raise RunConfigError(f"model.pretrained: {exc}") from None
+    with torch.device("meta"):
+        names = [n for n, _ in HiggsAudioForTraining(model_config).named_parameters()]
+    if not trainable_names(names, config.train.freeze):
+        raise RunConfigError(f"train.freeze={config.train.freeze}: no parameter of this model would train")
+    zero3 = ds.get("zero_optimization", {}).get("stage") == 3
+    return Setup(config, ds, model_config, tokenizer, tokens, world_size, zero3)
+
+
+def make_collator(setup: Setup) -> Collator:
+    d = setup.config.data
+    return Collator(setup.tokens, setup.model_config.audio, layout=d.layout, round_to=d.round_to,
+                    pack_length=d.pack_length)
+
+
+def make_loader(setup: Setup, split: str, rank: int, train: bool, agree_min=None) -> ShardLoader:
+    d, t = setup.config.data, setup.config.train
+    return ShardLoader(split, make_collator(setup), rank=rank, world_size=setup.world_size,
+                       num_workers=d.num_workers if train else 0, seed=d.seed, max_tokens=d.max_tokens,
+                       shuffle=train, shuffle_buffer=d.shuffle_buffer, num_epochs=t.epochs if train else 1,
+                       agree_min=agree_min)
+
+
+def dry_run(setup: Setup) -> dict[str, Any]:
+    """The resolved config, the data plan and DeepSpeed's ZeRO-3 memory estimate, without a process group."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    loader = make_loader(setup, setup.config.data.train, rank=0, train=True)
+    manifest = loader.manifest
+    per_epoch = [len(loader) if e == 0 else loader.plan(e).batches_per_slot * loader.workers
+                 for e in range(setup.config.train.epochs)]
+    with torch.device("meta"):
+        model = HiggsAudioForTraining(setup.model_config)
+    total = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in layer.parameters()) for layer in
+                  [*model.model.layers, model.text_lm_head, model.model.embed_tokens])
+    zero = setup.ds.get("zero_optimization", {})
+    offload = {key: zero.get(key, {}).get("device", "none") != "none" for key in ("offload_optimizer", "offload_param")}
+    cpu_bytes, gpu_bytes, _ = estimate_zero3_model_states_mem_needs(
+        total, largest, num_gpus_per_node=setup.world_size, cpu_offload=offload["offload_optimizer"],
+        cpu_offload_params=offload["offload_param"])
+    return {"config": setup.config.to_dict(), "deepspeed": setup.ds,
+            "data": {"samples": manifest.totals["samples"], "expanded_tokens": manifest.totals["expanded_tokens"],
+                     "micro_batches_per_epoch_per_rank": per_epoch,
+                     "steps": total_steps(setup.config, sum(per_epoch))},
+            "model": {"parameters": total, "largest_layer_parameters": largest},
+            "zero3_memory_estimate_per_gpu": {"gpu_bytes": int(gpu_bytes), "cpu_bytes": int(cpu_bytes),
+                                              "gpus": setup.world_size, **offload}}
+
+
+def total_steps(config: RunConfig, micro_batches: int) -> int:
+    steps = micro_batches // config.train.grad_accum
+    return min(steps, config.train.max_steps) if config.train.max_steps is not None else steps
+
+
+class Trainer:
+    def __init__(self, setup: Setup, hooks: list[StepHook] = ()):
+        import deepspeed
+        import torch.distributed as dist
+
+        self.setup, self.config, self.hooks = setup, setup.config, list(hooks)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device(deepspeed.get_accelerator().device_name(), int(os.environ.get("LOCAL_RANK", 0)))
+        m, o, t = self.config.model, self.config.optim, self.config.train
+        torch.manual_seed(m.init_seed)  # the same random initialisation on every rank
+        loss_config = LossConfig(m.text_weight, m.audio_weight, m.audio_reduction)
+        kwargs = dict(loss_config=loss_config, attn_implementation=m.attn_implementation, head_impl=m.head_impl)
+        if setup.zero3:
+            with deepspeed.zero.Init(config_dict_or_path=setup.ds):
+                model = HiggsAudioForTraining(setup.model_config, **kwargs)
+        else:
+            model = HiggsAudioForTraining(setup.model_config, **kwargs)
+        if m.pretrained is not None:
+            load_pretrained(model, m.pretrained, setup.model_config, self.rank, setup.zero3)
+        self.trainable = apply_freeze(model, t.freeze)
+        if m.activation_checkpointing:
+            model.gradient_checkpointing_enable()
+
+        self.loader = make_loader(setup, self.config.data.train, self.rank, train=True)
+        self.val_loader = (make_loader(setup, self.config.data.val, self.rank, train=False)
+                           if self.config.data.val else None)
+        epochs = range(self.loader.epoch, t.epochs)
+        self.total_steps = total_steps(self.config, sum(self.loader.plan(e).batches_per_slot for e in epochs)
+                                       * self.loader.workers)
+
+        groups = param_groups(model, o.weight_decay)
+        ds = dict(setup.ds)
+        if o.name == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=o.lr)
+            ds["zero_allow_untested_optimizer"] = True
+        elif ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        elif self.device.type == "cuda":
+            from deepspeed.ops.adam import FusedAdam
+
+            optimizer = FusedAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+            ds["zero_allow_untested_optimizer"] = True
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: warmup_cosine(s, o.warmup_steps, self.total_steps, o.min_lr_ratio))
+        self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds)
+        self.step = 0
+        self.checkpoints = Path(t.out_dir) / "checkpoints"
+        self.fingerprint = fingerprint(self.config)
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+
+    def save(self) -> Path:
+        state = {"stream": self.loader.state_dict(), "torch_rng": torch.get_rng_state()}
+        client = {"step": self.step, "fingerprint": self.fingerprint, "world_size": self.world}
+        crash = os.environ.get("HIGGS_DS_TEST_CRASH_IN_SAVE") == str(self.step)
+        path = checkpointing.save(self.engine, self.checkpoints, self.step, state, client, self.rank,
+                                  self.config.train.keep_last,
+                                  before_complete=(lambda: os.kill(os.getpid(), signal.SIGKILL)) if crash else None)
+        if os.environ.get("HIGGS_DS_TEST_HANG_AFTER_SAVE") == str(self.step):
+            (Path(self.config.train.out_dir) / f"saved.rank{self.rank}").touch()  # a test kills us now (kill -9)
+            time.sleep(3600)
+        return path
+
+    def resume(self) -> bool:
+        choice = self.config.train.resume
+        if choice == "none":
+            return False
+        path = checkpointing.latest(self.checkpoints) if choice == "auto" else Path(choice)
+        if path is None:
+            return False
+        if not (path / checkpointing.COMPLETE).exists():
+            raise RunConfigError(f"train.resume {path}: not a complete checkpoint (no {checkpointing.COMPLETE})")
+        client = checkpointing.load_client(path)
+        if client["fingerprint"] != self.fingerprint:
+            raise RunConfigError(f"train.resume {path}: saved by a run with another config (fingerprint "
+                                 f"{client['fingerprint']} vs {self.fingerprint})")
+        self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                    load_lr_scheduler_states=True)
+        state = checkpointing.load_rank_state(path, self.rank)
+        self.loader.load_state_dict(state["stream"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(client["step"])
+        if self.rank == 0:
+            log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def micro_batches(self) -> Iterator[Batch]:
+        while self.loader.epoch < self.config.train.epochs:
+            yield from self.loader
+
+    def _all_reduce(self, values: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        values = values.to(self.device)
+        dist.all_reduce(values)
+        return values.cpu()
+
+    def train(self) -> dict[str, float]:
+        import torch.distributed as dist
+
+        t, k = self.config.train, self.setup.model_config.audio.num_codebooks
+        stream = self.micro_batches()
+        metrics: dict[str, float] = {}
+        self.engine.train()
+        while self.step < self.total_steps:
+            started = time.perf_counter()
+            micro = [next(stream) for _ in range(t.grad_accum)]
+            data_time = time.perf_counter() - started
+            counts = [learnable_counts(b) for b in micro]
+            mine = torch.stack([torch.cat([c.text.reshape(1), c.audio]) for c in counts]).sum(0)
+            everyone = torch.zeros(self.world, k + 1, dtype=torch.long)
+            everyone[self.rank] = mine
+            everyone = self._all_reduce(everyone)
+            total = everyone.sum(0)
+            norm = LossNorm(text_tokens=float(total[0]), audio_tokens=total[1:].double(),
+                            grad_scale=float(self.world * t.grad_accum))
+            sums = torch.zeros(2 + 2 * k + 2, dtype=torch.float64)
+            predictions = None
+            for n, batch in enumerate(micro):
+                want = self.rank == 0 and n == len(micro) - 1 and bool(self.hooks)
+                out = self.engine(**batch.to(self.device).model_inputs(), loss_norm=norm, return_predictions=want)
+                self.engine.backward(out.loss)
+                self.engine.step()
+                sums += torch.cat([out.text_loss_sum.reshape(1).double().cpu(), out.text_tokens.reshape(1).cpu(),
+                                   out.audio_loss_sum.double().cpu(), out.audio_tokens.double().cpu(),
+                                   torch.tensor([batch.num_tokens, len(batch.sample_keys)])])
+                if want:
+                    predictions = {key: getattr(out, key).cpu() for key in
+                                   ("text_predictions", "text_labels", "audio_predictions", "audio_labels")}
+                    predictions["sample_keys"] = list(batch.sample_keys)
+            sums = self._all_reduce(sums)
+            self.step += 1
+            metrics = self._metrics(sums, k, time.perf_counter() - started, data_time)
+            stop = torch.zeros(1)
+            if self.rank == 0:
+                if self.step % t.log_every == 0 or self.step == self.total_steps:
+                    print(self._line(metrics), flush=True)
+                report = StepReport(self.step, self.total_steps, metrics, everyone.tolist(), predictions,
+                                    self.loader.stats())
+                for hook in self.hooks:
+                    hook.on_step(report)
+                stop[0] = float(any(hook.stop_requested() for hook in self.hooks))
+            stop = stop.to(self.device)
+            dist.broadcast(stop, src=0)
+            last = self.step == self.total_steps or bool(stop.item())
+            if self.val_loader is not None and ((t.eval_every and self.step % t.eval_every == 0) or last):
+                self.evaluate()
+            if (t.save_every and self.step % t.save_every == 0) or last:
+                self.save()
+            if last:
+                break
+        return metrics
+
+    def _metrics(self, sums: torch.Tensor, k: int, seconds: float, data_seconds: float) -> dict[str, float]:
+        text_sum, text_tokens = sums[0], sums[1]
+        audio_sum, audio_tokens = sums[2:2 + k], sums[2 + k:2 + 2 * k]
+        tokens, samples = sums[2 + 2 * k], sums[3 + 2 * k]
+        metrics = {name: float(v) for name, v in loss_means(text_sum, text_tokens, audio_sum, audio_tokens,
+                                                            self.engine.module.loss_config).items()}
+        grad_norm = self.engine.get_global_grad_norm()
+        metrics.update({"lr": float(self.schedule.get_last_lr()[0]),
+                        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                        "tokens/text_learnable": float(text_tokens), "tokens/audio_learnable": float(audio_tokens.sum()),
+                        "throughput/tps": float(tokens) / seconds, "throughput/samples_per_s": float(samples) / seconds,
+                        "time/step_s": seconds, "time/data_wait_share": data_seconds / seconds})
+        return metrics
+
+    def _line(self, m: dict[str, float]) -> str:
+        return (f"step {self.step}/{self.total_steps} loss {m['loss/total']:.4f} text {m['loss/text']:.4f} "
+                f"audio {m['loss/audio']:.4f} lr {m['lr']:.3g} grad_norm {m['grad_norm']:.3f} "
+                f"tok/s {m['throughput/tps']:.0f} data {m['time/data_wait_share']:.0%}")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        k = self.setup.model_config.audio.num_codebooks
+        self.engine.eval()
+        self.val_loader.set_epoch(0)
+        sums = torch.zeros(2 + 2 * k, dtype=torch.float64)
+        for batch in self.val_loader:
+            out = self.engine(**batch.to(self.device).model_inputs())
+            sums += torch.cat([out.text_loss_sum.reshape(1).double().cpu(), out.text_tokens.reshape(1).cpu(),
+                               out.audio_loss_sum.double().cpu(), out.audio_tokens.double().cpu()])
+        sums = self._all_reduce(sums)
+        self.engine.train()
+        means = loss_means(sums[0], sums[1], sums[2:2 + k], sums[2 + k:], self.engine.module.loss_config)
+        metrics = {f"eval/{name.split('/', 1)[1]}": float(v) for name, v in means.items()}
+        if self.rank == 0:
+            print(f"eval step {self.step}: " + " ".join(f"{n} {v:.4f}" for n, v in metrics.items()
+                                                          if "_cb" not in n), flush=True)
+            for hook in self.hooks:
+                hook.on_eval(self.step, metrics)
+        return metrics
+
+
+def run(config: RunConfig, dry: bool = False, hooks: list[StepHook] = ()) -> int:
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    setup = preflight(config, world_size)  # before any process group: bad configs stop every rank here
+    if dry:
+        print(json.dumps(dry_run(setup), indent=1, default=str))
+        return 0
+    import deepspeed
+
+    deepspeed.init_distributed()
+    trainer = Trainer(setup, hooks)
+    trainer.resume()
+    out = Path(config.train.out_dir)
+    if trainer.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+    final = trainer.train()
+    if trainer.rank == 0:
+        print(f"done: step {trainer.step}, checkpoints in {trainer.checkpoints}", flush=True)
+        (out / "final_metrics.json").write_text(json.dumps(final, indent=1) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`deepspeed launch/train.py --config run.yaml [section.key=value ...] [--dry-run]`"""
+    import argparse
+
+    from .config import load_config
+
+    parser = argparse.ArgumentParser(prog="launch/train.py", description="Train Higgs Audio v2 under DeepSpeed "
+                                     "ZeRO from higgs-ds shards (run with deepspeed, torchrun or python).")
+    parser.add_argument("--config", help="run YAML (higgs_ds.train.config.RunConfig)")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config, data plan and memory "
+                                                               "estimate, then exit (no process group)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the launcher's
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        config = load_config(args.config, args.overrides)
+        return run(config, dry=args.dry_run)
+    except RunConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,110 @@
+"""Pretrained weights into a (possibly ZeRO-3-partitioned) model, one tensor at a time.
+
+The checkpoint's safetensors headers give the plan: each port-layout weight and the stored tensor(s) it comes from
+(boson names renamed; upstream's split "partially frozen" halves concatenated). Tensors are then read one at a time,
+so a process holds one tensor — and, under ZeRO-3, that one parameter gathered — never a whole state dict. Only
+rank 0 reads the data; `GatheredParameters(modifier_rank=0)` scatters what it wrote to every rank's partition."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from safetensors import safe_open
+
+from ..model.checkpoint import BOSON_TO_PORT, IGNORED_SUFFIXES, SPLIT_KEY, expected_shapes
+from ..model_config import HiggsModelConfig
+
+Source = tuple[Path, str]  # (safetensors file, stored key)
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no model.safetensors or *.safetensors shards (streaming loads safetensors "
+                                "only; convert .bin checkpoints with higgs_ds.model.save_checkpoint first)")
+    return files
+
+
+def weight_plan(path: str | Path) -> dict[str, tuple[list[Source], tuple[int, ...]]]:
+    """Port-layout name → (the stored tensors it is made of: one, or a split's frozen and trainable halves; its
+    shape), from the safetensors headers alone."""
+    path = Path(path)
+    stored: dict[str, Path] = {}
+    shapes: dict[str, list[int]] = {}
+    for file in checkpoint_files(path):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                if key in stored:
+                    raise ValueError(f"{file}: tensor {key} also appears in {stored[key].name}")
+                stored[key], shapes[key] = file, list(handle.get_slice(key).get_shape())
+    boson = not any(key.startswith("model.") for key in stored)
+    plan: dict[str, tuple[list[Source], tuple[int, ...]]] = {}
+    for key, file in stored.items():
+        if key.endswith(IGNORED_SUFFIXES) or ((m := SPLIT_KEY.match(key)) and m["part"] == "trainable"):
+            continue
+        sources, shape = [(file, key)], list(shapes[key])
+        if m := SPLIT_KEY.match(key):
+            partner = f"{m['module']}.{m['kind']}_trainable.weight"
+            if partner not in stored:
+                raise ValueError(f"{path}: split tensor {key} has no partner {partner}")
+            sources.append((stored[partner], partner))
+            shape[0] += shapes[partner][0]
+            key = f"{m['module']}.weight"
+        if boson:
+            for pattern, replacement in BOSON_TO_PORT:
+                key = re.sub(pattern, replacement, key)
+        plan[key] = (sources, tuple(shape))
+    orphans = [k for k in stored if (m := SPLIT_KEY.match(k)) and m["part"] == "trainable"
+               and f"{m['module']}.{m['kind']}_frozen.weight" not in stored]
+    if orphans:
+        raise ValueError(f"{path}: split tensors {orphans} have no *_frozen partner")
+    return plan
+
+
+def read_tensor(sources: list[Source]) -> torch.Tensor:
+    parts = []
+    for file, key in sources:
+        with safe_open(str(file), framework="pt") as handle:
+            parts.append(handle.get_tensor(key))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def stream_port_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(port-layout name, tensor) for every weight of a checkpoint of either layout, one at a time."""
+    for name, (sources, _) in sorted(weight_plan(path).items()):
+        yield name, read_tensor(sources)
+
+
+def load_pretrained(model: torch.nn.Module, path: str | Path, config: HiggsModelConfig, rank: int = 0,
+                    zero3: bool = False, read: Callable[[list[Source]], torch.Tensor] = read_tensor) -> int:
+    """Copy a checkpoint into `model` tensor by tensor (every rank calls it). Returns the number of tensors.
+    Missing, unexpected or misshapen tensors are refused by name before anything is read."""
+    plan = weight_plan(path)
+    expected = expected_shapes(config)
+    problems = [f"missing {sorted(expected.keys() - plan.keys())}"] if expected.keys() - plan.keys() else []
+    problems += [f"unexpected {sorted(plan.keys() - expected.keys())}"] if plan.keys() - expected.keys() else []
+    problems += [f"{name} has shape {shape}, the config expects {expected[name]}"
+                 for name, (_, shape) in sorted(plan.items()) if name in expected and shape != expected[name]]
+    if problems:
+        raise ValueError(f"{path}: checkpoint does not match the model config: {'; '.join(problems)}")
+    params = dict(model.named_parameters())
+    for name in sorted(plan):
+        tensor = read(plan[name][0]) if rank == 0 else None
+        if zero3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
+                if rank == 0:
+                    with torch.no_grad():
+                        params[name].data.copy_(tensor)
+        else:
+            with torch.no_grad():
+                params[name].data.copy_(tensor)
+        del tensor
+    return len(plan)
