@@ -16,6 +16,7 @@ safetensors + config.json.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Literal, Mapping
@@ -150,8 +151,9 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, tokenizer=Non
 
 def save_checkpoint(state: Mapping[str, torch.Tensor], config: HiggsModelConfig, out_dir: str | Path,
                     layout: Layout = "port", max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write port-layout `state` (e.g. model.state_dict() or a ZeRO-3 consolidated one) as `layout`: safetensors
-    (sharded with an index above max_shard_bytes) + config.json. Returns out_dir. `config`: the model's
+    """Write port-layout `state` (e.g. model.state_dict() or a ZeRO-3 consolidated one, whose tensors may be lazy:
+    each shard is materialized only while it is written) as `layout`: safetensors (sharded with an index above
+    max_shard_bytes) + config.json. Returns out_dir. `config`: the model's
     `model_config` (a transformers HiggsAudioV2Config is read as a port-layout config). The port layout is refused
     for a checkpoint trained without the delay pattern (`HiggsModelConfig.port_dict`)."""
     out_dir = Path(out_dir)
@@ -160,30 +162,39 @@ def save_checkpoint(state: Mapping[str, torch.Tensor], config: HiggsModelConfig,
         raise ValueError(f"layout must be 'boson' or 'port', got {layout!r}")
     raw_config = config.boson_dict() if layout == "boson" else config.port_dict()
     check_state_dict(state, expected_shapes(config), "state to save")
-    tensors = {key: value.detach().contiguous().cpu() for key, value in state.items()}
-    if layout == "boson":
-        tensors = port_to_boson(tensors)
+    tensors = port_to_boson(state) if layout == "boson" else dict(state)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = _shards(tensors, max_shard_bytes)
     if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        save_file(_materialize(shards[0]), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     else:
         weight_map = {}
         for number, shard in enumerate(shards, start=1):
             name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+            save_file(_materialize(shard), str(out_dir / name), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(shard, name))
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        total = sum(_nbytes(t) for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out_dir / "config.json").write_text(json.dumps(raw_config, indent=2, sort_keys=True) + "\n")
     return out_dir
 
 
+def _nbytes(tensor) -> int:
+    """Bytes of a tensor, or of a lazy one (e.g. DeepSpeed's zero_to_fp32 GatheredTensor: shape and dtype only)."""
+    return math.prod(tensor.shape) * torch.empty(0, dtype=tensor.dtype).element_size()
+
+
+def _materialize(shard: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One shard's tensors in memory (lazy tensors gathered here, one shard at a time)."""
+    return {key: (value.detach() if isinstance(value, torch.Tensor) else value.contiguous()).contiguous().cpu()
+            for key, value in shard.items()}
+
+
 def _shards(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
     shards, size = [{}], 0
     for key in sorted(tensors):
-        nbytes = tensors[key].numel() * tensors[key].element_size()
+        nbytes = _nbytes(tensors[key])
         if shards[-1] and size + nbytes > max_bytes:
             shards, size = shards + [{}], 0
         shards[-1][key] = tensors[key]

@@ -18,17 +18,18 @@ RECIPES = {
 NO_DECAY = (r"norm\.weight$", r"\.bias$", r"embed_tokens\.weight$", r"embed_audio_tokens\.weight$")
 
 
-def trainable_names(names: list[str], recipe: str) -> list[str]:
-    patterns = [re.compile(p) for p in RECIPES[recipe]]
-    return [name for name in names if any(p.search(name) for p in patterns)]
+def trainable_names(names: list[str], recipe: str, patterns: list[str] | None = None) -> list[str]:
+    """The names a recipe (or, when given, a list of regexes searched in each name) leaves trainable."""
+    compiled = [re.compile(p) for p in (patterns if patterns is not None else RECIPES[recipe])]
+    return [name for name in names if any(p.search(name) for p in compiled)]
 
 
-def apply_freeze(model: torch.nn.Module, recipe: str) -> list[str]:
+def apply_freeze(model: torch.nn.Module, recipe: str, patterns: list[str] | None = None) -> list[str]:
     """requires_grad per recipe; returns the trainable names. A recipe that trains nothing is refused."""
     names = [name for name, _ in model.named_parameters()]
-    keep = set(trainable_names(names, recipe))
+    keep = set(trainable_names(names, recipe, patterns))
     if not keep:
-        raise ValueError(f"train.freeze={recipe}: no parameter of this model would train")
+        raise ValueError(f"train.freeze={recipe} / train.trainable={patterns}: no parameter of this model would train")
     for name, param in model.named_parameters():
         param.requires_grad_(name in keep)
     return sorted(keep)

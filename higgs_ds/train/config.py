@@ -43,8 +43,10 @@ class DataSection:
     val: Optional[str] = None
     layout: str = "packed"  # padded | packed
     pack_length: Optional[int] = 4096  # packed layout only
-    max_tokens: int = 16384  # batch budget per micro-batch (positions of the collated tensor)
+    max_tokens: Optional[int] = 16384  # batch budget per micro-batch (positions of the collated tensor)
+    batch_size: Optional[int] = None  # or a fixed number of samples per micro-batch (set max_tokens: null)
     round_to: int = 64
+    shuffle: bool = True
     num_workers: int = 2
     shuffle_buffer: int = 1000
     seed: int = 0
@@ -72,12 +74,14 @@ class TrainSection:
     epochs: int = 1
     max_steps: Optional[int] = None  # stop earlier than `epochs`
     freeze: str = "none"  # none | audio_only | text_head_only
+    trainable: Optional[list[str]] = None  # instead of a recipe: regexes of the parameter names to train
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end (when data.val is set)
     save_every: int = 0  # 0 = only at the end
     keep_last: int = 2  # complete checkpoints kept
     resume: str = "none"  # none | auto (newest complete checkpoint in out_dir, if any) | a checkpoint directory
     seed: int = 0
+    trace_samples: bool = False  # every rank writes OUT/trace/rank{r}.jsonl: the sample keys of each micro-batch
 
 
 @dataclass
@@ -105,8 +109,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         config: RunConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        where = f"{path}" if path is not None else "overrides"
-        raise RunConfigError(f"{where}: {str(exc).splitlines()[0]}") from None
+        where = f"{path} + overrides" if path is not None else "overrides"
+        key = getattr(exc, "full_key", None)
+        raise RunConfigError(f"{where}: {key + ': ' if key else ''}{str(exc).splitlines()[0]}") from None
     check(config)
     return config
 
@@ -136,10 +141,13 @@ def check(config: RunConfig) -> None:
          f"expected none, auto or a checkpoint directory, got {t.resume!r}")
     for key, value, low in (("train.grad_accum", t.grad_accum, 1), ("train.epochs", t.epochs, 1),
                             ("train.keep_last", t.keep_last, 1), ("train.log_every", t.log_every, 1),
-                            ("data.max_tokens", d.max_tokens, 1), ("data.round_to", d.round_to, 1),
+                            ("data.round_to", d.round_to, 1),
                             ("data.num_workers", d.num_workers, 0), ("optim.warmup_steps", o.warmup_steps, 0),
                             ("train.eval_every", t.eval_every, 0), ("train.save_every", t.save_every, 0)):
         need(value >= low, key, f"must be >= {low}, got {value}")
+    need((d.max_tokens is None) != (d.batch_size is None), "data.max_tokens / data.batch_size",
+         "give exactly one (the other null)")
+    need((d.max_tokens or 1) >= 1 and (d.batch_size or 1) >= 1, "data.max_tokens / data.batch_size", "must be >= 1")
     need(o.lr > 0 and 0 <= o.min_lr_ratio <= 1, "optim.lr / optim.min_lr_ratio", "need lr > 0, 0 <= ratio <= 1")
 
 

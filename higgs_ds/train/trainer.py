@@ -7,6 +7,8 @@ Every logged value is all-reduced. Rank 0 hands each step's values to the hooks 
 request reaches every rank through a broadcast flag."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -95,8 +97,11 @@ def preflight(config: RunConfig, world_size: int) -> Setup:
             raise RunConfigError(f"model.pretrained: {exc}") from None
     with torch.device("meta"):
         names = [n for n, _ in HiggsAudioForTraining(model_config).named_parameters()]
-    if not trainable_names(names, config.train.freeze):
-        raise RunConfigError(f"train.freeze={config.train.freeze}: no parameter of this model would train")
+    if not trainable_names(names, config.train.freeze, config.train.trainable):
+        which = (f"train.trainable={config.train.trainable}" if config.train.trainable is not None
+                 else f"train.freeze={config.train.freeze}")
+        raise RunConfigError(f"{which}: no parameter of this model would train (names look like {names[0]}, "
+                             f"{names[-1]})")
     zero3 = ds.get("zero_optimization", {}).get("stage") == 3
     return Setup(config, ds, model_config, tokenizer, tokens, world_size, zero3)
 
@@ -111,7 +116,7 @@ def make_loader(setup: Setup, split: str, rank: int, train: bool, agree_min=None
     d, t = setup.config.data, setup.config.train
     return ShardLoader(split, make_collator(setup), rank=rank, world_size=setup.world_size,
                        num_workers=d.num_workers if train else 0, seed=d.seed, max_tokens=d.max_tokens,
-                       shuffle=train, shuffle_buffer=d.shuffle_buffer, num_epochs=t.epochs if train else 1,
+                       batch_size=d.batch_size, shuffle=train and d.shuffle, shuffle_buffer=d.shuffle_buffer, num_epochs=t.epochs if train else 1,
                        agree_min=agree_min)
 
 
@@ -130,9 +135,10 @@ def dry_run(setup: Setup) -> dict[str, Any]:
                   [*model.model.layers, model.text_lm_head, model.model.embed_tokens])
     zero = setup.ds.get("zero_optimization", {})
     offload = {key: zero.get(key, {}).get("device", "none") != "none" for key in ("offload_optimizer", "offload_param")}
-    cpu_bytes, gpu_bytes, _ = estimate_zero3_model_states_mem_needs(
-        total, largest, num_gpus_per_node=setup.world_size, cpu_offload=offload["offload_optimizer"],
-        cpu_offload_params=offload["offload_param"])
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's estimator prints a table of its own
+        cpu_bytes, gpu_bytes, _ = estimate_zero3_model_states_mem_needs(
+            total, largest, num_gpus_per_node=setup.world_size, cpu_offload=offload["offload_optimizer"],
+            cpu_offload_params=offload["offload_param"])
     return {"config": setup.config.to_dict(), "deepspeed": setup.ds,
             "data": {"samples": manifest.totals["samples"], "expanded_tokens": manifest.totals["expanded_tokens"],
                      "micro_batches_per_epoch_per_rank": per_epoch,
@@ -166,7 +172,7 @@ class Trainer:
             model = HiggsAudioForTraining(setup.model_config, **kwargs)
         if m.pretrained is not None:
             load_pretrained(model, m.pretrained, setup.model_config, self.rank, setup.zero3)
-        self.trainable = apply_freeze(model, t.freeze)
+        self.trainable = apply_freeze(model, t.freeze, t.trainable)
         if m.activation_checkpointing:
             model.gradient_checkpointing_enable()
 
@@ -255,6 +261,11 @@ class Trainer:
         import torch.distributed as dist
 
         t, k = self.config.train, self.setup.model_config.audio.num_codebooks
+        out = Path(t.out_dir)
+        trace = None
+        if t.trace_samples:
+            (out / "trace").mkdir(parents=True, exist_ok=True)
+            trace = open(out / "trace" / f"rank{self.rank}.jsonl", "a")
         stream = self.micro_batches()
         metrics: dict[str, float] = {}
         self.engine.train()
@@ -274,14 +285,19 @@ class Trainer:
             predictions = None
             for n, batch in enumerate(micro):
                 want = self.rank == 0 and n == len(micro) - 1 and bool(self.hooks)
-                out = self.engine(**batch.to(self.device).model_inputs(), loss_norm=norm, return_predictions=want)
-                self.engine.backward(out.loss)
+                result = self.engine(**batch.to(self.device).model_inputs(), loss_norm=norm,
+                                     return_predictions=want)
+                self.engine.backward(result.loss)
                 self.engine.step()
-                sums += torch.cat([out.text_loss_sum.reshape(1).double().cpu(), out.text_tokens.reshape(1).cpu(),
-                                   out.audio_loss_sum.double().cpu(), out.audio_tokens.double().cpu(),
+                sums += torch.cat([result.text_loss_sum.reshape(1).double().cpu(),
+                                   result.text_tokens.reshape(1).cpu(), result.audio_loss_sum.double().cpu(),
+                                   result.audio_tokens.double().cpu(),
                                    torch.tensor([batch.num_tokens, len(batch.sample_keys)])])
+                if trace is not None:
+                    trace.write(json.dumps({"step": self.step + 1, "micro": n, "keys": batch.sample_keys}) + "\n")
+                    trace.flush()
                 if want:
-                    predictions = {key: getattr(out, key).cpu() for key in
+                    predictions = {key: getattr(result, key).cpu() for key in
                                    ("text_predictions", "text_labels", "audio_predictions", "audio_labels")}
                     predictions["sample_keys"] = list(batch.sample_keys)
             sums = self._all_reduce(sums)
@@ -291,6 +307,8 @@ class Trainer:
             if self.rank == 0:
                 if self.step % t.log_every == 0 or self.step == self.total_steps:
                     print(self._line(metrics), flush=True)
+                with open(out / "metrics.jsonl", "a") as handle:
+                    handle.write(json.dumps({"step": self.step, **metrics}) + "\n")
                 report = StepReport(self.step, self.total_steps, metrics, everyone.tolist(), predictions,
                                     self.loader.stats())
                 for hook in self.hooks:
@@ -305,6 +323,8 @@ class Trainer:
                 self.save()
             if last:
                 break
+        if trace is not None:
+            trace.close()
         return metrics
 
     def _metrics(self, sums: torch.Tensor, k: int, seconds: float, data_seconds: float) -> dict[str, float]:
@@ -358,10 +378,11 @@ def run(config: RunConfig, dry: bool = False, hooks: list[StepHook] = ()) -> int
 
     deepspeed.init_distributed()
     trainer = Trainer(setup, hooks)
-    trainer.resume()
     out = Path(config.train.out_dir)
     if trainer.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+    trainer.resume()
+    if trainer.rank == 0:
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
     final = trainer.train()
     if trainer.rank == 0:

@@ -1,0 +1,341 @@
+"""The DeepSpeed engine end to end: real `deepspeed --num_gpus 2 launch/train.py` launches (ZeRO-3, CPU, gloo) of a
+tiny config from shards. One reference run is shared by the tests that compare against it. Bad configs fail in
+process, before any process group."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from conftest import TINY_TOKENIZER
+from higgs_ds.data.chatml import sample_from_chatml
+from higgs_ds.data.collator import Collator
+from higgs_ds.data.tokens import AudioSettings
+from higgs_ds.model import HiggsAudioForTraining, LossNorm, learnable_counts, load_model, read_model_config
+from higgs_ds.model.checkpoint import save_checkpoint
+from higgs_ds.train import main as train_main
+from higgs_ds.train.export import main as export_main
+from test_stream import make_samples, write_split
+
+ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+CPU_DS = ROOT / "ds_configs" / "cpu_zero3_fp32.json"
+MODEL = {"audio_num_codebooks": 8, "audio_codebook_size": 1024, "use_delay_pattern": True, "skip_audio_tower": True,
+         "audio_adapter_type": "dual_ffn_fast_forward", "audio_dual_ffn_layers": [0, 1],
+         "text_config": {"vocab_size": 416, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                         "num_attention_heads": 4, "num_key_value_heads": 2}}
+
+
+def write_yaml(path: Path, **sections) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(sections))
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tokenizer, tokens):
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "model").mkdir()
+    (root / "model" / "config.json").write_text(json.dumps(MODEL))
+    samples = make_samples(96, tokenizer, tokens, seed=0)
+    write_split(root / "train", samples[:80], (20, 20, 20, 20), tokenizer, tokens)
+    write_split(root / "val", samples[80:], (16,), tokenizer, tokens)
+    return root
+
+
+def base_config(corpus: Path, out: Path, **train) -> dict:
+    return dict(
+        model={"config": str(corpus / "model"), "tokenizer": str(TINY_TOKENIZER)},
+        data={"train": str(corpus / "train"), "val": str(corpus / "val"), "layout": "packed", "pack_length": 256,
+              "max_tokens": 512, "round_to": 8, "num_workers": 1},
+        optim={"lr": 3e-3, "warmup_steps": 2},
+        train={"out_dir": str(out), "deepspeed": str(CPU_DS), "precision": "fp32", "grad_accum": 2, "epochs": 2,
+               "log_every": 1, "trace_samples": True, **train})
+
+
+def launch(config: Path, *overrides: str, env: dict | None = None, wait: bool = True, timeout: int = 300):
+    command = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 400),
+               str(ROOT / "launch" / "train.py"), "--config", str(config), *overrides]
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    if not wait:
+        return process
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"launch timed out (a hang?): {command}")
+    return process.returncode, output
+
+
+def losses(out: Path) -> dict[int, float]:
+    """Per-step loss/total from rank 0's metrics.jsonl (a resumed run overwrites the steps it repeats)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss/total"] for row in rows}
+
+
+def consumed(out: Path, steps: range) -> list[str]:
+    keys = []
+    for trace in sorted((out / "trace").glob("rank*.jsonl")):
+        rows = {}
+        for line in trace.read_text().splitlines():
+            row = json.loads(line)
+            rows[row["step"], row["micro"]] = row["keys"]
+        keys += [k for (step, _), ks in rows.items() if step in steps for k in ks]
+    return sorted(keys)
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    """The uninterrupted 2-rank run every resume test compares with."""
+    out = tmp_path_factory.mktemp("reference")
+    config = write_yaml(out.parent / f"{out.name}.yaml", **base_config(corpus, out, save_every=2, keep_last=2))
+    code, output = launch(config)
+    assert code == 0, output[-3000:]
+    return config, out, output
+
+
+@pytest.mark.slow
+def test_two_rank_zero3_run_trains_evaluates_and_saves(reference):
+    config, out, output = reference
+    steps = losses(out)
+    assert sorted(steps) == list(range(1, 8)), "2 epochs of this split are 7 steps"
+    assert steps[7] < steps[1] - 1.0, f"the loss must fall: {steps}"
+    assert "eval step 7: eval/text" in output
+    tags = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert tags == ["step00000006", "step00000007"], "keep_last=2 complete tags"
+    assert all((out / "checkpoints" / tag / "COMPLETE").exists() for tag in tags)
+    # Each epoch sees a sample at most once, and the last epoch drops none (its short slot ends with a blank).
+    keys = [k for k in consumed(out, range(1, 8)) if k != "<blank>"]
+    assert len(set(keys)) == 80 and max(keys.count(k) for k in set(keys)) == 2 and len(keys) >= 150
+
+
+@pytest.mark.slow
+def test_kill_9_after_a_checkpoint_then_resume_continues_exactly(corpus, reference, tmp_path):
+    _, ref_out, _ = reference
+    out = tmp_path / "run"
+    config = write_yaml(tmp_path / "run.yaml", **base_config(corpus, out, save_every=2))
+    process = launch(config, env={"HIGGS_DS_TEST_HANG_AFTER_SAVE": "4"}, wait=False)
+    deadline = time.time() + 300
+    while not all((out / f"saved.rank{r}").exists() for r in range(2)):
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.time() < deadline, "no checkpoint at step 4"
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)  # kill -9 of the whole job
+    process.wait()
+    code, output = launch(config, "train.resume=auto")
+    assert code == 0, output[-3000:]
+    assert "resumed from" in output and "step00000004 at step 4" in output
+    ref, got = losses(ref_out), losses(out)
+    assert sorted(got) == sorted(ref)
+    for step in range(5, 8):
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-6), (step, got, ref)
+    assert consumed(out, range(1, 8)) == consumed(ref_out, range(1, 8)), "no sample repeated or skipped"
+
+
+@pytest.mark.slow
+def test_a_crash_during_the_save_leaves_the_previous_checkpoint(corpus, reference, tmp_path):
+    _, ref_out, _ = reference
+    out = tmp_path / "run"
+    config = write_yaml(tmp_path / "run.yaml", **base_config(corpus, out, save_every=2))
+    code, output = launch(config, env={"HIGGS_DS_TEST_CRASH_IN_SAVE": "4"})
+    assert code != 0
+    partial = out / "checkpoints" / "step00000004"
+    assert partial.is_dir() and not (partial / "COMPLETE").exists(), "the kill came between the shards and the mark"
+    assert (out / "checkpoints" / "step00000002" / "COMPLETE").exists()
+    code, output = launch(config, "train.resume=auto")
+    assert code == 0, output[-3000:]
+    assert "step00000002 at step 2" in output
+    ref, got = losses(ref_out), losses(out)
+    for step in range(3, 8):
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-6), (step, got, ref)
+    tags = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert tags == ["step00000006", "step00000007"], "step 4 was saved again, then pruned with keep_last=2"
+
+
+@pytest.mark.slow
+def test_export_loads_in_transformers_and_gives_the_trained_logits(reference, corpus, tmp_path, tokenizer, tokens):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import HiggsAudioV2ForConditionalGeneration
+
+    from higgs_ds.model.port import port_inputs
+
+    _, out, _ = reference
+    assert export_main([str(out), "--out", str(tmp_path / "export")]) == 0
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step00000007")
+    ours = load_model(tmp_path / "export" / "port")
+    for name, value in ours.named_parameters():
+        assert torch.equal(value, trained[name]), name
+    boson = load_model(tmp_path / "export" / "boson")
+    samples = make_samples(6, tokenizer, tokens, seed=11)
+    batch = Collator(tokens, ours.model_config.audio)(samples)
+    expected = ours.logits(**batch.model_inputs())
+    got = boson.logits(**batch.model_inputs())
+    assert torch.equal(got.text, expected.text) and torch.equal(got.audio, expected.audio)
+    port = HiggsAudioV2ForConditionalGeneration.from_pretrained(str(tmp_path / "export" / "port"),
+                                                                use_text_head=True).eval()
+    inputs = {k: v for k, v in port_inputs(batch, port.config).items() if k not in ("labels", "audio_labels")}
+    with torch.no_grad():
+        hidden = port.model(**inputs).last_hidden_state
+    real = batch.attention_mask
+    torch.testing.assert_close(port.text_lm_head(hidden)[real], expected.text[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(port.audio_lm_head(hidden[batch.audio_out_mask]).view(expected.audio.shape),
+                               expected.audio, rtol=1e-5, atol=1e-5)
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "export" / "port")).get_vocab() == tokenizer.get_vocab()
+
+
+# ---------------------------------------------------------------------------------------------------- gradients
+
+def chat(tokenizer, tokens, key: str, kind: str, rng):
+    messages = {"audio": [{"role": "user", "content": "Say it."},
+                          {"role": "assistant", "content": {"type": "audio", "audio_url": "a"}}],
+                "text": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello to you."}],
+                "nothing": [{"role": "user", "content": "Only a prompt, nothing to learn."}]}[kind]
+    frames = int(rng.integers(3, 9))
+    return sample_from_chatml({"messages": messages}, tokenizer, tokens, AudioSettings(), key=key,
+                              load_codes=lambda ref: rng.integers(0, 1024, (8, frames)).astype(np.int16))
+
+
+@pytest.mark.slow
+def test_two_ranks_two_micro_batches_give_the_single_process_gradient(tmp_path, tokenizer, tokens):
+    """SGD, 2 steps of 2 ranks × 2 micro-batches of 2 samples. Rank 1's first step: a text-only micro-batch and one
+    with nothing to learn; its second step: nothing to learn at all. The trained weights must equal two plain SGD
+    steps on each step's 8 samples with the global mean; per-micro-batch means would give other weights."""
+    rng = np.random.default_rng(4)
+    kinds = ["audio", "text", "audio", "audio", "text", "audio", "audio", "text",  # rank 0, steps 1 and 2
+             "text", "text", "nothing", "nothing", "nothing", "nothing", "nothing", "nothing"]  # rank 1
+    samples = [chat(tokenizer, tokens, f"g{i}", kind, rng) for i, kind in enumerate(kinds)]
+    write_split(tmp_path / "train", samples, (16,), tokenizer, tokens)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(MODEL))
+    model_config = read_model_config(tmp_path / "model", tokenizer)
+    torch.manual_seed(0)
+    start = HiggsAudioForTraining(model_config)
+    save_checkpoint(start.state_dict(), model_config, tmp_path / "start")
+    out = tmp_path / "out"
+    config = write_yaml(
+        tmp_path / "run.yaml",
+        model={"pretrained": str(tmp_path / "start"), "tokenizer": str(TINY_TOKENIZER)},
+        data={"train": str(tmp_path / "train"), "layout": "padded", "pack_length": None, "max_tokens": None,
+              "batch_size": 2, "round_to": 8, "num_workers": 0, "shuffle": False},
+        optim={"name": "sgd", "lr": 0.5, "warmup_steps": 0, "min_lr_ratio": 1.0, "grad_clip": 0.0},
+        train={"out_dir": str(out), "deepspeed": str(CPU_DS), "precision": "fp32", "grad_accum": 2, "epochs": 1,
+               "trace_samples": True})
+    code, output = launch(config)
+    assert code == 0, output[-3000:]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step00000002")
+
+    # Which samples each (rank, step, micro-batch) got, from the engine's own trace.
+    by_key = {s.key: s for s in samples}
+    groups: dict[int, list[list[str]]] = {1: [], 2: []}
+    for rank in range(2):
+        for line in (out / "trace" / f"rank{rank}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            groups[row["step"]].append(row["keys"])
+    assert groups[2][2:] == [["g12", "g13"], ["g14", "g15"]], "rank 1's second step has nothing to learn"
+    collator = Collator(tokens, model_config.audio, round_to=8)
+
+    def sgd(per_micro_batch_mean: bool) -> dict[str, torch.Tensor]:
+        model = load_model(tmp_path / "start")
+        for step in (1, 2):
+            batches = [collator([by_key[k] for k in keys]) for keys in groups[step]]
+            counts = [learnable_counts(b) for b in batches]
+            norm = LossNorm(float(sum(c.text for c in counts)), sum(c.audio for c in counts).double())
+            model.zero_grad()
+            for batch in batches:
+                if per_micro_batch_mean:  # what averaging each micro-batch's own mean would train
+                    loss = model(**batch.model_inputs()).loss / len(batches)
+                else:
+                    loss = model(**batch.model_inputs(), loss_norm=norm).loss
+                loss.backward()
+            with torch.no_grad():
+                for param in model.parameters():
+                    param -= 0.5 * param.grad
+        return model.state_dict()
+
+    def rel_err(a: dict, b: dict) -> float:
+        return max(((a[n] - b[n]).abs().max() / b[n].abs().max().clamp_min(1e-12)).item() for n in b)
+
+    expected, wrong = sgd(False), sgd(True)
+    moved = rel_err(trained, start.state_dict())
+    assert moved > 1e-2, "the steps changed the weights"
+    assert rel_err(trained, expected) <= 1e-5
+    assert rel_err(wrong, expected) > 1e-3, "the test tells the global mean from per-micro-batch means"
+
+
+# ---------------------------------------------------------------------------------------------------- bad configs
+
+@pytest.fixture
+def good(corpus, tmp_path) -> dict:
+    return base_config(corpus, tmp_path / "out")
+
+
+def ds_json(tmp_path: Path, **changes) -> str:
+    body = json.loads(CPU_DS.read_text())
+    body.update(changes)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(body))
+    return str(path)
+
+
+BAD = {
+    "unknown key": (lambda c, p: ["train.foo=1"], r"train\.foo: Key 'foo' not in 'TrainSection'"),
+    "wrong type": (lambda c, p: ["train.grad_accum=two"], r"train\.grad_accum: Value 'two'"),
+    "micro-batch size": (lambda c, p: [f"train.deepspeed={ds_json(p, train_micro_batch_size_per_gpu=4)}"],
+                         r"train_micro_batch_size_per_gpu=4 contradicts the run config \(1\)"),
+    "accumulation": (lambda c, p: [f"train.deepspeed={ds_json(p, gradient_accumulation_steps=8)}"],
+                     r"gradient_accumulation_steps=8 contradicts the run config \(2\)"),
+    "precision": (lambda c, p: [f"train.deepspeed={ds_json(p, bf16={'enabled': True})}"],
+                  r"bf16\.enabled=True contradicts train\.precision=fp32"),
+    "optimizer in json": (lambda c, p: [f"train.deepspeed={ds_json(p, optimizer={'type': 'Adam'})}"],
+                          r"remove 'optimizer'"),
+    "missing path": (lambda c, p: ["data.train=/nonexistent/split"], r"data\.train: /nonexistent/split: no such"),
+    "both batch budgets": (lambda c, p: ["data.batch_size=4"], r"data\.max_tokens / data\.batch_size: give exactly one"),
+    "another model": (lambda c, p: [f"model.config={other_model(p)}"],
+                      r"data\.train: .*shards were built for another tokenizer/model config \(audio"),
+    "freezes everything": (lambda c, p: ["train.trainable=[no_such_module]"],
+                           r"train\.trainable=\['no_such_module'\]: no parameter of this model would train"),
+    "no model": (lambda c, p: ["model.config=null"], r"model\.pretrained / model\.config: give exactly one"),
+}
+
+
+def other_model(tmp_path: Path) -> str:
+    (tmp_path / "other").mkdir(exist_ok=True)
+    (tmp_path / "other" / "config.json").write_text(json.dumps({**MODEL, "audio_num_codebooks": 4}))
+    return str(tmp_path / "other")
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_configs_fail_before_any_process_group(good, tmp_path, capsys, case):
+    overrides, message = BAD[case]
+    config = write_yaml(tmp_path / "run.yaml", **good)
+    assert train_main(["--config", str(config), *overrides(config, tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    import re
+
+    assert re.search(message, err[0]), err[0]
+    assert not torch.distributed.is_initialized()
+
+
+def test_dry_run_prints_the_plan_and_memory_estimate(good, tmp_path, capsys):
+    config = write_yaml(tmp_path / "run.yaml", **good)
+    assert train_main(["--config", str(config), "--dry-run", "train.max_steps=3"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index("{\n"):])  # after DeepSpeed's own log lines
+    assert report["data"]["samples"] == 80 and report["data"]["steps"] == 3
+    assert report["deepspeed"]["gradient_accumulation_steps"] == 2
+    assert report["model"]["parameters"] > 0 and report["zero3_memory_estimate_per_gpu"]["gpu_bytes"] > 0
+    assert not torch.distributed.is_initialized()
