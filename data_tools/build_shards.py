@@ -447,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.input.is_file():
         raise SystemExit(f"{args.input}: input JSONL not found")
     tokenizer = load_tokenizer(args.tokenizer)
+    special_tokens(tokenizer, args.tokenizer, None)  # a tokenizer without them is named as such, before the config
     config = load_model_config(args.model_config, tokenizer)
     audio = config.audio
     tokens = special_tokens(tokenizer, args.tokenizer, config.pad_token_id)
@@ -476,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
         by = " by SIGTERM" if exc.args == ("SIGTERM",) else ""
         print(f"interrupted{by}: nothing written to {args.out}", file=sys.stderr)
         return 143 if by else 130
+    except OSError as exc:  # disk full, permissions ...: the machine, not a sample (those fail in their worker)
+        print(f"error: {exception_name(exc)}: {exc} (nothing written to {args.out})", file=sys.stderr)
+        return 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
