@@ -240,8 +240,13 @@ def run_jobs(spec: BuildSpec, jobs: list, workers: int) -> Iterator[Result]:
         yield from pool.imap(process_line, jobs, chunksize=8)
 
 
+def _prog(script: str, module: str) -> str:
+    """How the command was called: its console script (pyproject.toml) or `python -m`."""
+    return script if Path(sys.argv[0]).name == script else module
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m data_tools.build_shards", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=_prog("higgs-build-shards", "python -m data_tools.build_shards"), description=__doc__.split("\n\n")[0])
     p.add_argument("input", type=Path, help="JSONL file, one upstream ChatML sample per line")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory")
     p.add_argument("--model-config", required=True, help="model config directory or config.json")

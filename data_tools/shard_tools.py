@@ -30,7 +30,7 @@ from higgs_ds.data.shards import (COUNTS, MANIFEST, Manifest, ShardError, atomic
                                   file_sha256, read_shard, sample_counts, tar_problem)
 from higgs_ds.data.tokens import AudioSettings, SpecialTokens
 
-from .build_shards import load_model_config, load_tokenizer as _load_tokenizer, special_tokens
+from data_tools.build_shards import _prog, load_model_config, load_tokenizer as _load_tokenizer, special_tokens
 
 LEARNABLE = ("⟦", "⟧")
 
@@ -313,7 +313,7 @@ def validate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_tools.shard_tools", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=_prog("higgs-shards", "python -m data_tools.shard_tools"), description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("inspect", "validate"):
         cmd = sub.add_parser(name)
