@@ -218,22 +218,6 @@ def run_jobs(spec: BuildSpec, jobs: list, workers: int) -> Iterator[Result]:
         finally:
             torch.set_num_threads(threads)  # init_worker may have changed it for this (the caller's) process
         return
-    # spawn: forking a process that already runs torch threads can deadlock.
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker, initargs=(spec,)) as pool:
-        yield from pool.imap(process_line, jobs, chunksize=8)
-
-
-def run_jobs(spec: BuildSpec, jobs: list, workers: int) -> Iterator[Result]:
-    if workers <= 1:
-        import torch
-
-        threads = torch.get_num_threads()
-        try:
-            init_worker(spec)
-            yield from map(process_line, jobs)
-        finally:
-            torch.set_num_threads(threads)  # init_worker may have changed it for this (the caller's) process
-        return
     # spawn: forking a process that already runs torch threads can deadlock. Leaving the `with` (also when the
     # consumer closes this generator early) terminates the workers.
     with multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker, initargs=(spec,)) as pool:
@@ -246,7 +230,8 @@ def _prog(script: str, module: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=_prog("higgs-build-shards", "python -m data_tools.build_shards"), description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=_prog("higgs-build-shards", "python -m data_tools.build_shards"),
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("input", type=Path, help="JSONL file, one upstream ChatML sample per line")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory")
     p.add_argument("--model-config", required=True, help="model config directory or config.json")
@@ -406,7 +391,7 @@ def write_build(args, spec: BuildSpec, jobs: list, directory: Path, fingerprint:
                 if len(errors) <= SHOWN_ERRORS:
                     tqdm.write(f"skipped: {result.error}", file=sys.stderr)
                 elif len(errors) == SHOWN_ERRORS + 1:
-                    tqdm.write(f"skipped: more bad samples, not shown; errors.jsonl lists them all", file=sys.stderr)
+                    tqdm.write("skipped: more bad samples, not shown; errors.jsonl lists them all", file=sys.stderr)
                 continue
             first_line[result.sample.key] = result.line
             roles = result.sample.meta.get("unknown_roles") or []

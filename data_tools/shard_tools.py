@@ -313,7 +313,8 @@ def validate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=_prog("higgs-shards", "python -m data_tools.shard_tools"), description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=_prog("higgs-shards", "python -m data_tools.shard_tools"),
+                                description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("inspect", "validate"):
         cmd = sub.add_parser(name)

@@ -72,8 +72,8 @@ def _check_end(stream, offset: int, size: int, after: str) -> str | None:
     while chunk := stream.read(1 << 20):
         if any(chunk):
             first = position + next(i for i, byte in enumerate(chunk) if byte)
-            return (f"corrupt: data at offset {first} after the end-of-archive marker at offset {offset} ({after}) "
-                    "(headers overwritten with zeros?); the members from there on cannot be read")
+            return (f"corrupt: data at offset {first} after the end-of-archive marker at offset {offset} ({after}): "
+                    "blocks overwritten with zeros, or data appended")
         position += len(chunk)
     return None
 
