@@ -14,8 +14,9 @@ consumed in order), so the same input and seed give byte-identical shards whatev
 stop the build (`--on-error fail`, exit 1) or go to OUT/errors.jsonl and are counted in the manifest
 (`--on-error skip`); an unexpected exception while processing one sample counts as a bad sample, named by type.
 
-The build is written to OUT.partial-<pid> beside OUT and renamed to OUT only when it succeeded: a failed or
-interrupted build (bad sample, exception, Ctrl-C, SIGTERM) leaves OUT as it was. Samples with turns in roles
+The build is written to a temporary folder (OUT.partial-<pid> beside a new OUT, OUT/.partial-<pid> in an existing
+empty one) and put in place only when it succeeded: a failed or interrupted build (bad sample, exception, Ctrl-C,
+SIGTERM) leaves OUT as it was. Samples with turns in roles
 outside system/user/assistant are kept (upstream tokenizes any role as spelled), counted per role in the manifests'
 build info and reported in one warning line at the end.
 """
@@ -218,9 +219,15 @@ def run_jobs(spec: BuildSpec, jobs: list, workers: int) -> Iterator[Result]:
         finally:
             torch.set_num_threads(threads)  # init_worker may have changed it for this (the caller's) process
         return
-    # spawn: forking a process that already runs torch threads can deadlock. Leaving the `with` (also when the
-    # consumer closes this generator early) terminates the workers.
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker, initargs=(spec,)) as pool:
+    # spawn: forking a process that already runs torch threads can deadlock. The workers start with SIGINT ignored
+    # (a spawned Python keeps an inherited SIG_IGN), so Ctrl-C interrupts only this process, which cleans up;
+    # leaving the `with` (also when the consumer closes this generator early) terminates the workers.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker, initargs=(spec,))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    with pool:
         yield from pool.imap(process_line, jobs, chunksize=8)
 
 
@@ -310,12 +317,16 @@ def output_dir(out: Path) -> Path:
 
 
 class Staging:
-    """The build's directory: OUT.partial-<pid> beside OUT (same filesystem: the final rename is atomic). Removed,
-    with any parent directories it had to create, unless `commit` renamed it to OUT."""
+    """The build's directory, on OUT's filesystem: OUT.partial-<pid> beside a new OUT (renamed to OUT at the end,
+    atomically), or OUT/.partial-<pid> inside an existing empty OUT (its entries moved up at the end: OUT may be a
+    mount point or the working directory). Removed, with any parent directories it had to create, unless
+    `commit` put the build in place."""
 
     def __init__(self, out: Path):
         self.out = out
-        self.path = out.with_name(f"{out.name}.partial-{os.getpid()}")
+        self.inside = out.is_dir()
+        name = f".partial-{os.getpid()}" if self.inside else f"{out.name}.partial-{os.getpid()}"
+        self.path = out / name if self.inside else out.with_name(name)
         self.created: list[Path] = []  # deepest first
         self.committed = False
 
@@ -336,7 +347,12 @@ class Staging:
 
     def commit(self) -> None:
         try:
-            os.rename(self.path, self.out)  # also replaces OUT when it is an empty directory
+            if self.inside:
+                for entry in sorted(self.path.iterdir()):
+                    os.rename(entry, self.out / entry.name)
+                self.path.rmdir()
+            else:
+                os.rename(self.path, self.out)
         except OSError as exc:
             self.committed = True  # keep the finished build where it is
             raise SystemExit(f"--out {self.out}: cannot move the finished build into place ({exc}); it is in "
