@@ -318,6 +318,22 @@ def test_validate_missing_path_is_one_line(shards, capsys):
         assert exc.value.code == f"{shards / 'nowhere'}: no such file or directory"
 
 
+def test_shard_tools_bad_settings_are_one_line(shards, tmp_path):
+    shard = str(shards / "train" / "train-000000.tar")
+    nowhere = tmp_path / "nowhere"
+    cases = [
+        (["inspect", shard, "--tokenizer", str(nowhere)],
+         f"--tokenizer {nowhere}: not found (expected a tokenizer directory, as written by save_pretrained)"),
+        (["validate", shard, "--tokenizer", str(TINY_TOKENIZER), "--model-config", str(nowhere)],
+         f"--model-config: {nowhere}: not found (expected a checkpoint directory or its config.json)"),
+        (["validate", shard, "--model-config", str(nowhere)], "--model-config needs --tokenizer (special token ids)"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            shard_tools.main(argv)
+        assert exc.value.code == message
+
+
 def test_validate_shard_that_is_a_directory(shards, capsys):
     shard = shards / "train" / "train-000000.tar"
     shard.unlink()
