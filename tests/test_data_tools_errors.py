@@ -188,6 +188,15 @@ def test_errors_are_not_glued_to_the_bar(corpus, tmp_path, capsys):
     assert lines[-2].startswith("samples: ") and "error" not in lines[-2]
 
 
+def test_many_skipped_samples_are_summarised(corpus, tmp_path, capsys):
+    jsonl = with_lines(corpus, *(["{broken"] * (build_shards.SHOWN_ERRORS + 5)))
+    assert build(jsonl, tmp_path / "out", "--on-error", "skip") == 0
+    lines = err_lines(capsys.readouterr().err)
+    assert sum(line.startswith("skipped: line ") for line in lines) == build_shards.SHOWN_ERRORS
+    assert lines.count("skipped: more bad samples, not shown; errors.jsonl lists them all") == 1
+    assert len((tmp_path / "out" / "errors.jsonl").read_text().splitlines()) == build_shards.SHOWN_ERRORS + 5
+
+
 # -------------------------------------------------------------------------- 3. bad tool arguments: one line each
 
 def test_bad_tokenizer_is_one_line(corpus, tmp_path, tokenizer):

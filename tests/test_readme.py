@@ -147,7 +147,11 @@ def test_console_commands_from_outside_the_repository(tmp_path):
 def load_make_example():
     spec = importlib.util.spec_from_file_location("make_example", EXAMPLE / "make_example.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    writes, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ in examples/
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = writes
     return module
 
 
