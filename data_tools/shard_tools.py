@@ -27,26 +27,39 @@ from higgs_ds.data.collator import Collator
 from higgs_ds.data.sample import TokenizedSample
 from higgs_ds.data.batch import IGNORE
 from higgs_ds.data.shards import (COUNTS, MANIFEST, Manifest, ShardError, atomic_write, decode_sample,
-                                  file_sha256, read_shard, sample_counts, tar_complete)
+                                  file_sha256, read_shard, sample_counts, tar_problem)
 from higgs_ds.data.tokens import AudioSettings, SpecialTokens
-from higgs_ds.model_config import ConfigError, read_model_config
+
+from data_tools.build_shards import _prog, load_model_config, load_tokenizer as _load_tokenizer, special_tokens
 
 LEARNABLE = ("⟦", "⟧")
 
 
-def find_shards(target: Path) -> list[tuple[Manifest | None, list[Path]]]:
-    """(manifest or None, shard paths) groups for a split dir, a build dir holding split dirs, or a shard file."""
+def find_shards(target: Path) -> list[tuple[Manifest | ShardError | None, list[Path]]]:
+    """(manifest, shard paths) groups for a split dir, a build dir holding split dirs, or a shard file. The manifest
+    is None for a shard with no manifest beside it, or the ShardError of a manifest that cannot be read (a split
+    dir's shards are then unknown: no paths)."""
+    if not target.exists():
+        raise SystemExit(f"{target}: no such file or directory")
     if target.is_dir():
         splits = [target] if (target / MANIFEST).exists() else sorted(p.parent for p in target.glob(f"*/{MANIFEST}"))
         if not splits:
             raise SystemExit(f"{target}: no {MANIFEST} here or in its subdirectories")
-        groups = []
+        groups: list[tuple[Manifest | ShardError | None, list[Path]]] = []
         for split in splits:
-            manifest = Manifest.load(split)
+            try:
+                manifest = Manifest.load(split)
+            except ShardError as exc:
+                groups.append((exc, []))
+                continue
             groups.append((manifest, [manifest.shard_path(s) for s in manifest.shards]))
         return groups
     beside = target.parent / MANIFEST
-    return [(Manifest.load(beside) if beside.exists() else None, [target])]
+    try:
+        found: Manifest | ShardError | None = Manifest.load(beside) if beside.exists() else None
+    except ShardError as exc:
+        found = exc
+    return [(found, [target])]
 
 
 def settings(manifest: Manifest | None, args, where: Path) -> tuple[SpecialTokens, AudioSettings]:
@@ -55,22 +68,16 @@ def settings(manifest: Manifest | None, args, where: Path) -> tuple[SpecialToken
         if args.tokenizer is None:
             raise SystemExit("--model-config needs --tokenizer (special token ids)")
         tokenizer = load_tokenizer(args.tokenizer)
-        try:
-            config = read_model_config(args.model_config, tokenizer)
-        except ConfigError as exc:
-            raise SystemExit(f"--model-config: {exc}") from None
-        return SpecialTokens.from_tokenizer(tokenizer, config.pad_token_id), config.audio
+        config = load_model_config(args.model_config, tokenizer)
+        return special_tokens(tokenizer, args.tokenizer, config.pad_token_id), config.audio
     if manifest is None:
         raise SystemExit(f"{where}: no {MANIFEST} beside it; pass --tokenizer and --model-config")
     return manifest.tokens, manifest.audio
 
 
 def load_tokenizer(directory: str | None):
-    if directory is None:
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(directory)
+    """None without --tokenizer; a directory that does not load ends the command with one line naming it."""
+    return None if directory is None else _load_tokenizer(directory)
 
 
 # -------------------------------------------------------------------------------------------------- inspect
@@ -174,6 +181,9 @@ def readable_samples(paths: list[Path], tokens: SpecialTokens, audio: AudioSetti
 
 def inspect(args) -> int:
     groups = find_shards(args.target)
+    for manifest, _ in groups:
+        if isinstance(manifest, ShardError):
+            raise SystemExit(str(manifest))
     tokens, audio = settings(groups[0][0], args, args.target)
     tokenizer = load_tokenizer(args.tokenizer)
     chosen: list[TokenizedSample] = []
@@ -194,10 +204,9 @@ def inspect(args) -> int:
         raise SystemExit(f"{args.target}: no sample {args.key!r}" if args.key else f"{args.target}: no readable sample")
     print(render(chosen[0], tokens, audio, tokenizer))
     print(f"\nmasking over {read} samples (learnable audio = labels: codebooks × (T + 1) per trained segment)")
-    print(f"{'role':<12}{'modality':<11}{'positions':>10}{'learnable':>11}")
-    for role, modality in sorted({(r, m) for r, m, _ in stats}):
-        print(f"{role:<12}{modality:<11}{stats[role, modality, 'positions']:>10}"
-              f"{stats[role, modality, 'learnable']:>11}")
+    rows = [(role, modality, str(stats[role, modality, "positions"]), str(stats[role, modality, "learnable"]))
+             for role, modality in sorted({(r, m) for r, m, _ in stats})]
+    print(table(("role", "modality", "positions", "learnable"), rows, right=(2, 3)))
     if args.dump_batch is not None:
         batch = Collator(tokens, audio)(chosen)
         save_batch(batch, args.dump_batch)
@@ -205,14 +214,24 @@ def inspect(args) -> int:
     return 0
 
 
+def table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: tuple[int, ...] = ()) -> str:
+    """Columns as wide as their widest cell, two spaces apart; the columns in `right` right-aligned."""
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) if i in right else cell.ljust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+                     for row in (header, *rows))
+
+
 # ------------------------------------------------------------------------------------------------- validate
 
 def validate_shard(path: Path, manifest: Manifest | None, tokens: SpecialTokens, audio: AudioSettings,
                    seen_keys: dict[str, str]) -> list[str]:
-    problems = []
     if not path.exists():
-        return [f"{path.name}: listed in the manifest but missing"]
-    counts, lengths, clean, in_tar = Counter(), [], True, 0
+        return [f"{path.name}: listed in the manifest but missing" if manifest else f"{path}: missing"]
+    if not path.is_file():
+        return [f"{path.name}: a directory, not a shard file" + (" (listed in the manifest)" if manifest else "")]
+    problems = []
+    counts, lengths, clean, in_tar, tar_error = Counter(), [], True, 0, None
     try:
         for position, raw in enumerate(read_shard(path)):
             in_tar += 1
@@ -232,11 +251,16 @@ def validate_shard(path: Path, manifest: Manifest | None, tokens: SpecialTokens,
             counts.update(sample_count)
             lengths.append(sample_count["expanded_tokens"])
     except ShardError as exc:
-        problems.append(str(exc))
+        tar_error, clean = str(exc), False
+    try:
+        structure = tar_problem(path)  # "truncated: ..." (cut short) or "corrupt: ..." (damaged in place), where
+    except OSError as exc:
+        structure = f"unreadable ({exc})"
+    if structure is not None:
+        problems.append(f"{path.name}: {structure}")  # also the cause of the reader's error, if it had one
         clean = False
-    if not tar_complete(path):
-        problems.append(f"{path.name}: no end-of-archive marker: the tar is truncated")
-        clean = False
+    elif tar_error is not None:
+        problems.append(tar_error)
     info = next((s for s in manifest.shards if s.name == path.name), None) if manifest else None
     if manifest is not None and info is None:
         problems.append(f"{path.name}: not listed in {manifest.path}")
@@ -247,7 +271,10 @@ def validate_shard(path: Path, manifest: Manifest | None, tokens: SpecialTokens,
     for name in checked:
         if counts[name] != getattr(info, name):
             problems.append(f"{path.name}: manifest says {name}={getattr(info, name)}, the shard has {counts[name]}")
-    size, sha256 = path.stat().st_size, file_sha256(path)
+    try:
+        size, sha256 = path.stat().st_size, file_sha256(path)
+    except OSError as exc:
+        return problems + [f"{path.name}: cannot read it ({exc})"]
     if (size, sha256) != (info.bytes, info.sha256):
         problems.append(f"{path.name}: {size} bytes, sha256 {sha256[:12]}…; the manifest says {info.bytes} bytes, "
                         f"sha256 {info.sha256[:12]}… (changed since the build)")
@@ -264,6 +291,11 @@ def validate(args) -> int:
     problems, shards, samples = [], 0, 0
     for target in args.targets:
         for manifest, paths in find_shards(target):
+            if isinstance(manifest, ShardError):  # reported; a loose shard is still checked with --model-config
+                problems.append(str(manifest))
+                if not paths or args.model_config is None:
+                    continue
+                manifest = None
             tokens, audio = settings(manifest, args, target)
             seen_keys: dict[str, str] = {}
             if manifest is not None and target.is_dir():
@@ -281,7 +313,8 @@ def validate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_tools.shard_tools", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=_prog("higgs-shards", "python -m data_tools.shard_tools"),
+                                description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("inspect", "validate"):
         cmd = sub.add_parser(name)

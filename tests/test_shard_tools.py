@@ -85,7 +85,8 @@ def test_validate_reports_every_problem(built, tmp_path, tokens, capsys):
         r"train-000001\.tar: key '000002' \(sample '.+'\): audio_codes\[0\]: expected an integer array \[8, T>=1\], got int16 \(7, \d+\)",
         r"train-000002\.tar: key '000003' \(sample '.+'\): audio_codes: [12] segments but input_ids hold 0 "
         r"<\|AUDIO\|>/<\|AUDIO_OUT\|> placeholders",
-        r"train-000003\.tar: no end-of-archive marker: the tar is truncated",
+        r"train-000003\.tar: truncated: the file ends at offset 10240 \(after member '000001\.meta\.json'\) without "
+        r"the end-of-archive marker$",
         r"train-000003\.tar: manifest says samples=4, the shard has 2",
         r"stray\.tar: in .* but not in its manifest",
         r"val-000000\.tar: manifest says learnable_text_tokens=\d+, the shard has \d+",

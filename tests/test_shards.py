@@ -360,3 +360,58 @@ def test_split_writer_is_atomic(tmp_path, sample, tokenizer, tokens):
     assert sorted(os.listdir(tmp_path)) == ["train-000000.lengths.npy", "train-000000.tar", "train-000001.tar.tmp"]
     writer.abort()
     assert os.listdir(tmp_path) == []
+
+
+def _damaged(path: Path, damage: str) -> tuple[bytes, str | None]:
+    """The shard's bytes damaged one way → (bytes, what tar_problem must say; {o}/{m}/... filled in by the test)."""
+    data = path.read_bytes()
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    third, last = members[10], members[-1]  # 5 members per sample: the third sample's first member
+    after = "(after member '000001.meta.json')"
+    end = last.offset_data + -(-last.size // 512) * 512  # where the end-of-archive marker starts
+    if damage == "intact":
+        return data, None
+    if damage == "cut at a member boundary":
+        return data[:third.offset], f"truncated: the file ends at offset {third.offset} {after} without the " \
+                                    "end-of-archive marker"
+    if damage == "cut inside a header":
+        return data[:third.offset + 100], f"truncated: the file ends inside the header at offset {third.offset} " \
+                                          f"{after} without the end-of-archive marker"
+    if damage == "cut inside data":
+        return data[:third.offset_data + 10], f"truncated: member {third.name!r} at offset {third.offset} needs " \
+                                              f"{512 + -(-third.size // 512) * 512} bytes, the file ends at " \
+                                              f"{third.offset_data + 10}"
+    if damage == "cut in the end marker":
+        return data[:end + 512], f"truncated: the file ends after one zero block at offset {end} (after member " \
+                                 f"{last.name!r}), without the second block of the end-of-archive marker"
+    if damage == "header overwritten":
+        return data[:third.offset + 20] + b"\xff" * 8 + data[third.offset + 28:], \
+            f"corrupt: invalid tar header at offset {third.offset} {after}: bad checksum; the members from there on " \
+            "cannot be read"
+    if damage == "header zeroed":
+        return data[:third.offset] + bytes(512) + data[third.offset + 512:], \
+            f"corrupt: a zero block at offset {third.offset} {after} followed by data (a header overwritten with " \
+            "zeros?); the members from there on cannot be read"
+    assert damage == "data appended"
+    return data + b"junk", f"corrupt: data at offset {len(data)} after the end-of-archive marker at offset {end} " \
+                           f"(after member {last.name!r}): blocks overwritten with zeros, or data appended"
+
+
+@pytest.mark.parametrize("damage", ["intact", "cut at a member boundary", "cut inside a header", "cut inside data",
+                                    "cut in the end marker", "header overwritten", "header zeroed", "data appended"])
+def test_tar_problem_tells_truncated_from_corrupt(built, tmp_path, damage):
+    from higgs_ds.data.shards import tar_complete, tar_problem
+
+    data, expected = _damaged(built / "train" / "train-000000.tar", damage)
+    path = tmp_path / "train-000000.tar"
+    path.write_bytes(data)
+    assert tar_problem(path) == expected
+    assert tar_complete(path) is (expected is None)
+    try:
+        read = len(list(read_shard(path)))
+    except ShardError as exc:
+        assert damage == "cut inside data" and str(exc) == \
+            "train-000000.tar: truncated tar (the file ends inside a member)"
+    else:  # Python's tar reader stops silently at a member boundary: the count tells (vs the manifest)
+        assert read == {"intact": 4, "data appended": 4, "cut in the end marker": 4}.get(damage, 2), damage

@@ -15,10 +15,10 @@ name and renamed, so a crash never leaves a half-written file under a final name
 """
 from .manifest import COUNTS, FORMAT, MANIFEST, Manifest, ShardInfo, check_fingerprint, data_fingerprint
 from .sample_codec import FIELDS, ShardError, decode_sample, encode_sample, sample_counts
-from .tar_reader import read_shard, tar_complete
+from .tar_reader import read_shard, tar_complete, tar_problem
 from .files import atomic_write, file_sha256
 from .writer import SplitWriter
 
 __all__ = ["COUNTS", "FIELDS", "FORMAT", "MANIFEST", "Manifest", "ShardError", "ShardInfo", "SplitWriter",
            "atomic_write", "check_fingerprint", "data_fingerprint", "decode_sample", "encode_sample", "file_sha256",
-           "read_shard", "sample_counts", "tar_complete"]
+           "read_shard", "sample_counts", "tar_complete", "tar_problem"]

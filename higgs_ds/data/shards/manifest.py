@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -87,8 +87,8 @@ class Manifest:
         path = self.path.parent / shard.lengths_name
         try:
             lengths = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise ShardError(f"{path}: cannot read the lengths sidecar ({exc})") from exc
+        except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file
+            raise ShardError(f"{path}: cannot read the lengths sidecar ({type(exc).__name__}: {exc})") from exc
         if lengths.dtype != np.int32 or lengths.shape != (shard.samples,) or int(lengths.sum()) != \
                 shard.expanded_tokens:
             raise ShardError(f"{path}: expected int32 [{shard.samples}] summing to {shard.expanded_tokens}, got "
@@ -105,23 +105,59 @@ class Manifest:
 
     @classmethod
     def load(cls, directory_or_file: str | Path) -> "Manifest":
+        """Read and check a manifest: every malformed field raises ShardError naming the file and the field."""
         path = Path(directory_or_file)
         path = path / MANIFEST if path.is_dir() else path
         try:
             body = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise ShardError(f"{path}: cannot read the manifest ({exc})") from exc
         if not isinstance(body, dict) or body.get("format") != FORMAT:
             found = body.get("format") if isinstance(body, dict) else None
             raise ShardError(f"{path}: not a {FORMAT} manifest (format={found!r})")
-        names = {f.name for f in fields(ShardInfo)}
+        for name, kind in (("split", str), ("fingerprint", dict), ("shards", list)):
+            if not isinstance(body.get(name), kind):
+                raise ShardError(f"{path}: malformed manifest: {name}: expected {_KIND[kind]}, got "
+                                 f"{type(body.get(name)).__name__}")
+        skipped, build = body.get("skipped", 0), body.get("build", {})
+        if type(skipped) is not int or skipped < 0 or not isinstance(build, dict):
+            raise ShardError(f"{path}: malformed manifest: expected a non-negative integer 'skipped' and an object "
+                             f"'build', got {skipped!r} and {type(build).__name__}")
+        shards = [_shard_info(entry, index, path) for index, entry in enumerate(body["shards"])]
+        names = [s.name for s in shards]
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ShardError(f"{path}: malformed manifest: shards listed twice: {', '.join(twice)}")
+        manifest = cls(split=body["split"], fingerprint=body["fingerprint"], shards=shards, skipped=skipped,
+                       build=build, path=path)
         try:
-            shards = [ShardInfo(**{k: v for k, v in s.items() if k in names}) for s in body["shards"]]
-            manifest = cls(split=body["split"], fingerprint=body["fingerprint"], shards=shards,
-                           skipped=body.get("skipped", 0), build=body.get("build", {}), path=path)
             manifest.tokens, manifest.audio, manifest.vocab_size  # noqa: B018 - fail here, not deep in a worker
-        except (KeyError, TypeError) as exc:
-            raise ShardError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ShardError(f"{path}: malformed manifest fingerprint ({type(exc).__name__}: {exc})") from exc
         return manifest
 
 
+_KIND = {str: "a string", dict: "an object", list: "a list"}
+
+
+def _shard_info(entry: Any, index: int, path: Path) -> ShardInfo:
+    """One entry of a manifest's "shards" list, checked: a plain .tar file name (no directories: the shard lies
+    beside the manifest), a sha256 hex digest and non-negative integer sizes and counts (absent counts are 0)."""
+    where = f"{path}: shards[{index}]"
+    if not isinstance(entry, dict):
+        raise ShardError(f"{where}: expected an object, got {type(entry).__name__}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name.endswith(".tar") or name.startswith(".") or "/" in name \
+            or "\\" in name or "\0" in name:
+        raise ShardError(f"{where}: name: expected a .tar file name beside the manifest, got {name!r}")
+    where += f" ({name})"
+    sha256 = entry.get("sha256")
+    if not isinstance(sha256, str) or len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise ShardError(f"{where}: sha256: expected 64 lowercase hex digits, got {sha256!r}")
+    numbers = {}
+    for key in ("bytes", *COUNTS):
+        value = entry.get(key, None if key == "bytes" else 0)
+        if type(value) is not int or value < 0:
+            raise ShardError(f"{where}: {key}: expected a non-negative integer, got {value!r}")
+        numbers[key] = value
+    return ShardInfo(name=name, sha256=sha256, **numbers)
