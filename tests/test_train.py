@@ -339,3 +339,46 @@ def test_dry_run_prints_the_plan_and_memory_estimate(good, tmp_path, capsys):
     assert report["deepspeed"]["gradient_accumulation_steps"] == 2
     assert report["model"]["parameters"] > 0 and report["zero3_memory_estimate_per_gpu"]["gpu_bytes"] > 0
     assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.slow
+def test_two_launchers_on_two_loopback_hosts_train_like_one(corpus, reference, tmp_path):
+    """Multi-node for real: a hostfile of two hosts that resolve to loopback, one `deepspeed --no_ssh` launcher per
+    node; world size 2, and the per-step losses are the single-launcher run's."""
+    _, ref_out, _ = reference
+    out = tmp_path / "run"
+    config = write_yaml(tmp_path / "run.yaml", **base_config(corpus, out, save_every=2))
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    port = str(29000 + os.getpid() % 400)
+    launchers = [subprocess.Popen(
+        [str(DEEPSPEED), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node), "--master_addr",
+         "127.0.0.1", "--master_port", port, str(ROOT / "launch" / "train.py"), "--config", str(config)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        for node in (0, 1)]
+    try:
+        outputs = [p.communicate(timeout=300)[0] for p in launchers]
+    finally:
+        for p in launchers:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in launchers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    ref, got = losses(ref_out), losses(out)
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-6), (step, got, ref)
+
+
+@pytest.mark.slow
+def test_torchrun_launches_the_same_run(corpus, reference, tmp_path):
+    _, ref_out, _ = reference
+    out = tmp_path / "run"
+    config = write_yaml(tmp_path / "run.yaml", **base_config(corpus, out))
+    result = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
+                             str(28500 + os.getpid() % 400), str(ROOT / "launch" / "train.py"), "--config",
+                             str(config), "train.max_steps=3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    ref, got = losses(ref_out), losses(out)
+    assert sorted(got) == [1, 2, 3]
+    for step in got:  # losses 1-3 see updates 1-2 only, whose learning rates (warmup) do not depend on max_steps
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-6), (step, got, ref)
