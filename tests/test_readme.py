@@ -2,6 +2,7 @@
 and examples/tiny is what examples/tiny/make_example.py writes (a codes shape the example's model config accepts)."""
 from __future__ import annotations
 
+import ast
 import fcntl
 import importlib.util
 import json
@@ -112,6 +113,16 @@ def test_readme_data_commands_run_verbatim(tmp_path, readme_out_lock):
     assert "wrote a batch of 4 samples" in out
     with np.load("/tmp/higgs-example-batch.npz", allow_pickle=False) as batch:
         assert len(batch["sample_keys"]) == 4
+
+
+    python = re.search(r"<!-- test: python-stream -->\s*```python\n(.*?)```", data_section(), re.S).group(1)
+    run = subprocess.run([str(venv_bin() / "python"), "-c", python], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, f"{python}\nstdout:\n{run.stdout}\nstderr:\n{run.stderr}"
+    lines = run.stdout.strip().splitlines()
+    stats = ast.literal_eval(lines[-1])  # the dict printed by loader.stats()
+    assert stats["planned_samples"] == stats["seen_samples"] == 20 and stats["dropped_samples"] == 0
+    assert sum(len(ast.literal_eval(line.split(") ", 1)[1])) for line in lines[:-1] if "<blank>" not in line) == 20
 
 
 @pytest.mark.slow

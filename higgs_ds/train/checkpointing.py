@@ -9,27 +9,19 @@ complete tags beyond `keep_last` and every incomplete tag older than the newest 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..data.shards import atomic_write
+
 COMPLETE = "COMPLETE"
 
 
 def tag_name(step: int) -> str:
     return f"step{step:08d}"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def complete_tags(directory: Path) -> list[Path]:
@@ -60,8 +52,8 @@ def save(engine, directory: Path, step: int, rank_state: dict[str, Any], client:
     if rank == 0:
         if before_complete is not None:
             before_complete()  # test hook: a crash between the shards and the mark
-        _atomic_write(path / "client.json", json.dumps(client, indent=1, sort_keys=True).encode())
-        _atomic_write(path / COMPLETE, b"")
+        atomic_write(path / "client.json", json.dumps(client, indent=1, sort_keys=True).encode())
+        atomic_write(path / COMPLETE, b"")
         _prune(directory, keep_last)
     dist.barrier()
     return path
