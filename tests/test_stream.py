@@ -256,7 +256,7 @@ def test_resume_mid_epoch_equals_uninterrupted(split, tokens, stop):
 def test_state_refuses_another_layout(split, tokens):
     collator = Collator(tokens, AUDIO)
     state = ShardLoader(split, collator, rank=0, world_size=2, num_workers=2, max_tokens=500).state_dict()
-    with pytest.raises(ValueError, match="world_size"):
+    with pytest.raises(ValueError, match="pass all 2 saved rank states"):
         ShardLoader(split, collator, rank=0, world_size=4, num_workers=2, max_tokens=500).load_state_dict(state)
     other = Collator(type(tokens)(**{**tokens.__dict__, "pad": tokens.eot}), AUDIO)
     with pytest.raises(ValueError, match="special tokens"):
@@ -477,3 +477,44 @@ def test_a_shard_read_by_two_slots_reports_its_strays_once(tmp_path, samples, to
         run_epoch(loader)
         stats.append(loader.stats())
     assert [s["stray_members"] for s in stats] == [2, 0] and sum(s["seen_samples"] for s in stats) == 12
+
+
+@pytest.mark.parametrize("new_world, new_workers", [(1, 1), (3, 1), (1, 2)])
+def test_resume_at_another_world_size_consumes_the_rest_of_the_epoch_once(split, samples, tokens, new_world,
+                                                                        new_workers):
+    """2 ranks × 2 workers stop mid-epoch; the run comes back on another layout: the rest of the epoch is every
+    sample not consumed before, each exactly once, with equal step counts on the new ranks."""
+    collator = Collator(tokens, AUDIO, layout="packed", pack_length=200)
+
+    def loader(rank, world, workers):
+        return ShardLoader(split, collator, rank=rank, world_size=world, num_workers=workers, seed=9,
+                           max_tokens=400, num_epochs=1)
+
+    before, states = [], []
+    for rank in range(2):
+        old = loader(rank, 2, 2)
+        for n, batch in enumerate(old):
+            before += [k for k in batch.sample_keys if k != "<blank>"]
+            if n == 4:
+                break
+        states.append(json.loads(json.dumps(old.state_dict())))
+    after, lengths = [], []
+    for rank in range(new_world):
+        new = loader(rank, new_world, new_workers)
+        new.load_state_dict(states[min(rank, 1)], states)
+        batches = run_epoch(new)
+        lengths.append(len(batches))
+        after += [k for b in batches for k in b.sample_keys if k != "<blank>"]
+    assert len(set(lengths)) == 1
+    assert len(after) == len(set(after)) and not set(after) & set(before)
+    assert sorted(before + after) == sorted(s.key for s in samples)
+    # A state saved after the re-plan resumes exactly at the new layout (the exclusion travels with it).
+    again = loader(0, new_world, new_workers)
+    again.load_state_dict(states[0], states)
+    iterator = iter(again)
+    next(iterator)
+    saved = json.loads(json.dumps(again.state_dict()))
+    rest = [b.sample_keys for b in iterator]
+    repeat = loader(0, new_world, new_workers)
+    repeat.load_state_dict(saved)
+    assert [b.sample_keys for b in run_epoch(repeat)] == rest

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 from conftest import TINY_TOKENIZER
 from higgs_ds.data.chatml import sample_from_chatml
 from higgs_ds.data.collator import Collator
-from higgs_ds.data.tokens import AudioSettings
+from higgs_ds.data.tokens import AudioSettings, SpecialTokens
 from higgs_ds.model import HiggsAudioForTraining, LossNorm, learnable_counts, load_model, read_model_config
 from higgs_ds.model.checkpoint import save_checkpoint
 from higgs_ds.train import main as train_main
@@ -382,3 +382,59 @@ def test_torchrun_launches_the_same_run(corpus, reference, tmp_path):
     assert sorted(got) == [1, 2, 3]
     for step in got:  # losses 1-3 see updates 1-2 only, whose learning rates (warmup) do not depend on max_steps
         assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-6), (step, got, ref)
+
+
+@pytest.mark.slow
+def test_resume_on_one_rank_from_two_restores_model_optimizer_and_the_rest_of_the_epoch(corpus, tmp_path):
+    """2 ranks stop after step 2 (mid-epoch); the run resumes on 1 rank through the universal checkpoint. The
+    samples of the epoch are then consumed exactly once over the whole run, and the first resumed step is exactly
+    AdamW from the step-2 weights and optimizer moments on that step's batches."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    out = tmp_path / "run"
+    config = write_yaml(tmp_path / "run.yaml", **base_config(corpus, out, epochs=1))
+    code, output = launch(config, "train.max_steps=2")
+    assert code == 0, output[-3000:]
+    command = [str(DEEPSPEED), "--num_gpus", "1", "--master_port", str(29450 + os.getpid() % 40),
+               str(ROOT / "launch" / "train.py"), "--config", str(config), "train.resume=auto", "train.max_steps=3"]
+    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "saved on 2 ranks, running on 1: universal checkpoint" in resumed.stdout + resumed.stderr
+    # Step 3 by hand: AdamW from the step-2 fp32 weights and moments (the universal files), global normalisation,
+    # clipping at 1.0, the learning rate the resumed schedule gives step 2 (past warmup, cosine at 0: lr itself).
+    universal = out / "universal" / "step00000002" / "zero"
+    model = HiggsAudioForTraining(read_model_config(corpus / "model", AutoTokenizer.from_pretrained(
+        str(TINY_TOKENIZER))))
+    start = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step00000002")
+    model.load_state_dict(start, strict=False)
+    params = dict(model.named_parameters())
+    optimizer = torch.optim.AdamW(list(params.values()), lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    for name, param in params.items():
+        optimizer.state[param] = {
+            "step": torch.tensor(2.0),
+            "exp_avg": torch.load(universal / name / "exp_avg.pt", weights_only=True).view_as(param).clone(),
+            "exp_avg_sq": torch.load(universal / name / "exp_avg_sq.pt", weights_only=True).view_as(param).clone()}
+    rows = [json.loads(line) for line in (out / "trace" / "rank0.jsonl").read_text().splitlines()]
+    step3 = [row["keys"] for row in rows if row["step"] == 3][-2:]
+    tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER))
+    tokens = SpecialTokens.from_tokenizer(tokenizer)
+    by_key = {s.key: s for s in make_samples(96, tokenizer, tokens, seed=0)}
+    collator = Collator(tokens, model.model_config.audio, layout="packed", pack_length=256, round_to=8)
+    batches = [collator([by_key[k] for k in keys]) for keys in step3]
+    counts = [learnable_counts(b) for b in batches]
+    norm = LossNorm(float(sum(c.text for c in counts)), sum(c.audio for c in counts).double())
+    for batch in batches:
+        model(**batch.model_inputs(), loss_norm=norm).loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+    optimizer.step()
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step00000003")
+    fresh = {n: p.detach() for n, p in params.items()}
+    err = max(((trained[n] - fresh[n]).abs().max() / trained[n].abs().max()).item() for n in fresh)
+    assert err <= 1e-5, err
+
+    # Samples: steps 1-2 on two ranks, step 3 and the rest of the epoch on one rank (run it to the end).
+    rest = subprocess.run([*command[:-1], "train.max_steps=null"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert rest.returncode == 0, rest.stdout[-3000:] + rest.stderr[-3000:]
+    keys = [k for k in consumed(out, range(1, 100)) if k != "<blank>"]
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == 80, "every sample of the epoch exactly once"

@@ -156,9 +156,12 @@ class EpochPlan:
 
 def plan_epoch(source: ShardLengths | Sequence[np.ndarray], epoch: int, seed: int, num_slots: int, budget: Budget,
                shuffle: bool = True, buffer_size: int = 1000, slots: Sequence[int] | None = None,
-               last: bool = False, agree_min: AgreeMin | None = None) -> EpochPlan:
+               last: bool = False, agree_min: AgreeMin | None = None,
+               exclude: np.ndarray | None = None) -> EpochPlan:
     """The plan of the module docstring for `slots` (default: all). `agree_min` must be given when `slots` is not
-    every slot (the other slots' batch counts are elsewhere); without it the planned slots agree among themselves."""
+    every slot (the other slots' batch counts are elsewhere); without it the planned slots agree among themselves.
+    `exclude`: global sample ids already consumed this epoch (a run resumed at another world size): the rest of
+    the epoch is planned over the new slots without them."""
     if not isinstance(source, ShardLengths):
         source = ShardLengths.from_arrays(source)
     every = list(range(num_slots))
@@ -168,7 +171,22 @@ def plan_epoch(source: ShardLengths | Sequence[np.ndarray], epoch: int, seed: in
             raise ValueError("planning a subset of the slots needs agree_min (the others' batch counts)")
         agree_min = int
     order = np.random.default_rng([seed, epoch]).permutation(len(source)) if shuffle else np.arange(len(source))
+    exclude = np.unique(np.asarray(exclude if exclude is not None else [], dtype=np.int64))
+
+    def sample_weights(shard: int) -> np.ndarray:
+        """Weights of a shard's samples in tar order; 0 for the excluded ones."""
+        weights = np.ones(source.samples[shard], np.int64) if budget.batch_size is not None else source.of(shard)
+        lo, hi = np.searchsorted(exclude, source.offsets[shard:shard + 2])
+        if hi > lo:
+            weights = weights.copy()
+            weights[exclude[lo:hi] - source.offsets[shard]] = 0
+        return weights
+
     weight = source.samples if budget.batch_size is not None else source.tokens
+    if len(exclude):
+        touched = np.unique(np.searchsorted(source.offsets, exclude, side="right") - 1)
+        weight = weight.copy()
+        weight[touched] = [int(sample_weights(int(shard)).sum()) for shard in touched]
     shard_end = np.cumsum(weight[order])  # cumulative weight at the end of each shard in read order
     total = int(shard_end[-1]) if len(shard_end) else 0
     read_offset = np.concatenate([[0], np.cumsum(source.samples[order])])  # read position of each shard's first
@@ -180,8 +198,7 @@ def plan_epoch(source: ShardLengths | Sequence[np.ndarray], epoch: int, seed: in
         if p == len(order) or s == 0:
             return 0 if s == 0 else int(read_offset[-1])
         before = int(shard_end[p - 1]) if p else 0
-        shard = int(order[p])
-        weights = np.ones(source.samples[shard], np.int64) if budget.batch_size is not None else source.of(shard)
+        weights = sample_weights(int(order[p]))
         starts = np.cumsum(weights) - weights
         return int(read_offset[p]) + int(np.searchsorted(starts, target - before, side="left"))
 
@@ -199,8 +216,10 @@ def plan_epoch(source: ShardLengths | Sequence[np.ndarray], epoch: int, seed: in
             shard = int(order[p])
             piece = Piece(shard, lo - int(read_offset[p]), hi - int(read_offset[p]))
             pieces.append(piece)
-            ids.append(source.offsets[shard] + np.arange(piece.start, piece.end))
-            lengths.append(source.of(shard)[piece.start:piece.end])
+            piece_ids = source.offsets[shard] + np.arange(piece.start, piece.end)
+            keep = ~np.isin(piece_ids, exclude) if len(exclude) else slice(None)
+            ids.append(piece_ids[keep])
+            lengths.append(source.of(shard)[piece.start:piece.end][keep])
         read = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         slot_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
         if shuffle:

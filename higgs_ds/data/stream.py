@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .batch import IGNORE, Batch
+from .packing import ceil_div
 from .plan import AgreeMin, Budget, EpochPlan, Piece, ShardLengths, SlotPlan, plan_epoch
 from .sample import TokenizedSample
 from .shards import Manifest, ShardError, check_fingerprint, decode_sample, read_shard
@@ -178,7 +179,7 @@ class _RankEpoch(IterableDataset):
 
 def _batches_before(position: int, local: int, workers: int) -> int:
     """Batches j < position with j mod W == local: what slot `local` of a rank has delivered at `position`."""
-    return max(0, -(-(position - local) // workers))
+    return max(0, ceil_div(position - local, workers))
 
 
 def all_reduce_min(value: int) -> int:
@@ -231,6 +232,7 @@ class ShardLoader:
         self.shards_digest = hashlib.sha256(json.dumps(
             [[s.name, s.sha256, s.samples] for s in self.manifest.shards]).encode()).hexdigest()[:16]
         self.epoch, self.position = 0, 0
+        self._excluded: tuple[int, np.ndarray] | None = None  # (epoch, samples consumed before a re-plan)
         self._plan: EpochPlan | None = None
         self._counts: Counter = Counter()
         self.plan(0)  # fail now, not at the first step, when the data cannot feed every slot
@@ -245,7 +247,7 @@ class ShardLoader:
             self._plan = plan_epoch(self.lengths, epoch, self.seed, self.world_size * self.workers, self.budget,
                                     self.shuffle, self.shuffle_buffer,
                                     slots=self.my_slots if self.agree_min is not None else None, last=last,
-                                    agree_min=self.agree_min)
+                                    agree_min=self.agree_min, exclude=self._excluded_in(epoch))
         return self._plan
 
     def __len__(self) -> int:
@@ -292,19 +294,42 @@ class ShardLoader:
             out[s] = plan.slots[s].samples[:plan.slots[s].bounds[done]].tolist()
         return out
 
+    def _excluded_in(self, epoch: int) -> np.ndarray | None:
+        return self._excluded[1] if self._excluded is not None and self._excluded[0] == epoch else None
+
     def state_dict(self) -> dict[str, Any]:
+        """JSON-able. `consumed`: this epoch's samples each of this rank's slots delivered; `excluded`: samples of
+        this epoch consumed before a re-plan (a resume at another world size), the same on every rank."""
+        excluded = self._excluded_in(self.epoch)
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world_size": self.world_size,
                 "num_workers": self.workers, "shards": self.shards_digest, "counts": dict(self._counts),
-                "consumed": {str(s): ids for s, ids in self.consumed().items()}}
+                "consumed": {str(s): ids for s, ids in self.consumed().items()},
+                "excluded": excluded.tolist() if excluded is not None else []}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        mine = {"world_size": self.world_size, "num_workers": self.workers, "shards": self.shards_digest}
-        differ = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
-        if differ:
-            raise ValueError(f"cannot resume the stream exactly: saved vs current {differ} (the epoch plan depends "
-                             "on them)")
-        self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
-        self._plan, self._counts = None, Counter(state.get("counts", {}))
+    def load_state_dict(self, state: Mapping[str, Any], all_states: list[Mapping[str, Any]] | None = None) -> None:
+        """Resume exactly where `state` (this rank's) left off. At another world size or worker count, pass every
+        saved rank's state as `all_states`: the epoch continues with the samples no saved slot had consumed,
+        re-planned over the current slots, none repeated (global batch = world × accumulation changes with it;
+        problem counts restart)."""
+        if state.get("shards") != self.shards_digest:
+            raise ValueError(f"cannot resume the stream: the shards differ from the saved run's ({state.get('shards')}"
+                             f" vs {self.shards_digest})")
+        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
+        excluded = list(state.get("excluded", []))
+        same = state.get("world_size") == self.world_size and state.get("num_workers") == self.workers
+        if same:
+            self.position, self._counts = int(state["position"]), Counter(state.get("counts", {}))
+        else:
+            if all_states is None or len(all_states) != state.get("world_size"):
+                raise ValueError(f"the saved stream ran on {state.get('world_size')} ranks × {state.get('num_workers')}"
+                                 f" workers, this one on {self.world_size} × {self.workers}: pass all "
+                                 f"{state.get('world_size')} saved rank states to re-plan the rest of the epoch")
+            if any(int(s["epoch"]) != self.epoch or int(s["seed"]) != self.seed for s in all_states):
+                raise ValueError("the saved rank states disagree on epoch/seed")
+            excluded += [sid for s in all_states for ids in s.get("consumed", {}).values() for sid in ids]
+            self.position, self._counts = 0, Counter()
+        self._excluded = (self.epoch, np.unique(np.array(excluded, dtype=np.int64))) if excluded else None
+        self._plan = None
 
 
 def _identity(item):

@@ -75,3 +75,16 @@ def load_rank_state(path: Path, rank: int) -> dict[str, Any]:
 
 def load_client(path: Path) -> dict[str, Any]:
     return json.loads((path / "client.json").read_text())
+
+
+def to_universal(tag: Path, out: Path) -> None:
+    """DeepSpeed's universal checkpoint of `tag` (any world size can load it), written to `out`, marked complete."""
+    import subprocess
+    import sys
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag),
+                    "--output_folder", str(out)], check=True, capture_output=True)
+    atomic_write(out / COMPLETE, b"")

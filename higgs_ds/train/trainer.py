@@ -23,6 +23,7 @@ import torch
 
 from ..data.batch import Batch
 from ..data.collator import Collator
+from ..data.packing import ceil_div
 from ..data.shards import Manifest, check_fingerprint, data_fingerprint
 from ..data.stream import ShardLoader
 from ..data.tokens import SpecialTokens
@@ -149,7 +150,8 @@ def dry_run(setup: Setup) -> dict[str, Any]:
 
 
 def total_steps(config: RunConfig, micro_batches: int) -> int:
-    steps = micro_batches // config.train.grad_accum
+    """Optimizer steps over `micro_batches` (the last one may be partial: no micro-batch is left out)."""
+    steps = ceil_div(micro_batches, config.train.grad_accum)
     return min(steps, config.train.max_steps) if config.train.max_steps is not None else steps
 
 
@@ -185,6 +187,12 @@ class Trainer:
 
         groups = param_groups(model, o.weight_decay)
         ds = dict(setup.ds)
+        self.checkpoints = Path(t.out_dir) / "checkpoints"
+        self.resume_from = self._resume_target()
+        self.saved_world = (checkpointing.load_client(self.resume_from)["world_size"]
+                            if self.resume_from is not None else self.world)
+        if self.saved_world != self.world:  # DeepSpeed's universal checkpoint re-partitions model and optimizer
+            ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
         if o.name == "sgd":
             optimizer = torch.optim.SGD(groups, lr=o.lr)
             ds["zero_allow_untested_optimizer"] = True
@@ -199,12 +207,11 @@ class Trainer:
         else:
             optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
             ds["zero_allow_untested_optimizer"] = True
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: warmup_cosine(s, o.warmup_steps, self.total_steps, o.min_lr_ratio))
+        self.lr_factor = lambda step: warmup_cosine(step, o.warmup_steps, self.total_steps, o.min_lr_ratio)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds)
         self.step = 0
-        self.checkpoints = Path(t.out_dir) / "checkpoints"
         self.fingerprint = fingerprint(self.config)
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -221,27 +228,66 @@ class Trainer:
             time.sleep(3600)
         return path
 
-    def resume(self) -> bool:
+    def _resume_target(self) -> Path | None:
         choice = self.config.train.resume
         if choice == "none":
-            return False
+            return None
         path = checkpointing.latest(self.checkpoints) if choice == "auto" else Path(choice)
+        if path is not None and not (path / checkpointing.COMPLETE).exists():
+            raise RunConfigError(f"train.resume {path}: not a complete checkpoint (no {checkpointing.COMPLETE})")
+        return path
+
+    def resume(self) -> bool:
+        """Continue from `resume_from`: exactly at the same world size; at another one through DeepSpeed's universal
+        checkpoint (converted here, once) with the stream re-planned over the samples not yet consumed."""
+        import torch.distributed as dist
+
+        path = self.resume_from
         if path is None:
             return False
-        if not (path / checkpointing.COMPLETE).exists():
-            raise RunConfigError(f"train.resume {path}: not a complete checkpoint (no {checkpointing.COMPLETE})")
         client = checkpointing.load_client(path)
         if client["fingerprint"] != self.fingerprint:
             raise RunConfigError(f"train.resume {path}: saved by a run with another config (fingerprint "
                                  f"{client['fingerprint']} vs {self.fingerprint})")
-        self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                    load_lr_scheduler_states=True)
-        state = checkpointing.load_rank_state(path, self.rank)
-        self.loader.load_state_dict(state["stream"])
-        torch.set_rng_state(state["torch_rng"])
+        states = [checkpointing.load_rank_state(path, r) for r in range(self.saved_world)]
+        if self.saved_world == self.world:
+            self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                        load_lr_scheduler_states=True)
+        else:
+            universal = Path(self.config.train.out_dir) / "universal"
+            if self.rank == 0 and not (universal / path.name / checkpointing.COMPLETE).exists():
+                checkpointing.to_universal(path, universal / path.name)
+            dist.barrier()
+            self.engine.load_checkpoint(str(universal), tag=path.name, load_optimizer_states=True,
+                                        load_lr_scheduler_states=True)
+            # DeepSpeed 0.19.8's ZeRO-3 universal load gives every sub-group the *same* `step` tensor; torch's
+            # AdamW increments it in place once per sub-group, so later sub-groups would step their bias
+            # correction ahead. One tensor each (tests/test_train.py checks the first resumed step exactly).
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            for state in inner.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
         self.step = int(client["step"])
+        own = states[min(self.rank, self.saved_world - 1)]
+        self.loader.load_state_dict(own["stream"], [s["stream"] for s in states])
+        if self.saved_world != self.world:  # the rest of the data makes another number of steps now
+            left = len(self.loader) - self.loader.position + sum(
+                self.loader.plan(e).batches_per_slot * self.loader.workers
+                for e in range(self.loader.epoch + 1, self.config.train.epochs))
+            self.total_steps = self.step + ceil_div(left, self.config.train.grad_accum)
+            if self.config.train.max_steps is not None:
+                self.total_steps = min(self.total_steps, self.config.train.max_steps)
+        # The schedule is a function of the step alone: set it from the step (a universal load may not carry it).
+        lrs = [base * self.lr_factor(self.step) for base in self.schedule.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.schedule.last_epoch, self.schedule._last_lr = self.step, lrs
+        if self.rank < self.saved_world:
+            torch.set_rng_state(states[self.rank]["torch_rng"])
         if self.rank == 0:
-            log.info("resumed from %s at step %d", path, self.step)
+            log.info("resumed from %s at step %d%s", path, self.step, "" if self.saved_world == self.world else
+                     f" (saved on {self.saved_world} ranks, running on {self.world}: universal checkpoint, the "
+                     "epoch's remaining samples re-planned)")
         return True
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -271,7 +317,13 @@ class Trainer:
         self.engine.train()
         while self.step < self.total_steps:
             started = time.perf_counter()
-            micro = [next(stream) for _ in range(t.grad_accum)]
+            micro = [batch for batch in (next(stream, None) for _ in range(t.grad_accum)) if batch is not None]
+            if not micro:  # the data ran out before the planned steps (every rank alike: equal batch counts)
+                log.warning("rank %d: the data ended after step %d of %d", self.rank, self.step, self.total_steps)
+                self.total_steps = self.step
+                if self.step:
+                    self.save()
+                break
             data_time = time.perf_counter() - started
             counts = [learnable_counts(b) for b in micro]
             mine = torch.stack([torch.cat([c.text.reshape(1), c.audio]) for c in counts]).sum(0)
@@ -284,6 +336,11 @@ class Trainer:
             sums = torch.zeros(2 + 2 * k + 2, dtype=torch.float64)
             predictions = None
             for n, batch in enumerate(micro):
+                if len(micro) < t.grad_accum and n == len(micro) - 1:
+                    # The run's last, partial step (the data's last micro-batches): step the optimizer here. The
+                    # global LossNorm already normalises by this step's counts; grad_scale stays world × accum
+                    # because DeepSpeed still divides by its configured accumulation.
+                    self.engine.set_gradient_accumulation_boundary(True)
                 want = self.rank == 0 and n == len(micro) - 1 and bool(self.hooks)
                 result = self.engine(**batch.to(self.device).model_inputs(), loss_norm=norm,
                                      return_predictions=want)

@@ -7,6 +7,7 @@ from typing import Any, Iterator
 
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from ..packing import round_up
 from .sample_codec import ShardError
 
 BLOCK = tarfile.BLOCKSIZE
@@ -52,7 +53,7 @@ def tar_problem(path: str | Path) -> str | None:
             except (tarfile.HeaderError, ValueError) as exc:
                 return (f"corrupt: invalid tar header at offset {offset} ({after}): {exc or type(exc).__name__}; "
                         "the members from there on cannot be read")
-            end = offset + BLOCK + -(-info.size // BLOCK) * BLOCK
+            end = offset + BLOCK + round_up(info.size, BLOCK)
             if end > size:
                 return (f"truncated: member {info.name!r} at offset {offset} needs {end - offset} bytes, the file "
                         f"ends at {size}")

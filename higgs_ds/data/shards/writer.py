@@ -9,6 +9,7 @@ from typing import Any, Mapping
 import numpy as np
 import webdataset as wds
 
+from ..packing import round_up
 from ..sample import TokenizedSample
 from ..tokens import AudioSettings, SpecialTokens
 from .files import atomic_write, file_sha256
@@ -19,7 +20,7 @@ from .sample_codec import _npy, encode_sample, sample_counts
 def _tar_size(encoded: Mapping[str, Any]) -> int:
     """Bytes the sample's members take in the tar (header block + data rounded up to blocks)."""
     block = tarfile.BLOCKSIZE
-    return sum(block + -(-len(v) // block) * block for k, v in encoded.items() if not k.startswith("__"))
+    return sum(block + round_up(len(v), block) for k, v in encoded.items() if not k.startswith("__"))
 
 
 class SplitWriter:
