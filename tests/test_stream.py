@@ -518,3 +518,48 @@ def test_resume_at_another_world_size_consumes_the_rest_of_the_epoch_once(split,
     repeat = loader(0, new_world, new_workers)
     repeat.load_state_dict(saved)
     assert [b.sample_keys for b in run_epoch(repeat)] == rest
+
+
+@pytest.fixture
+def http_server(split):
+    """The module's split served over HTTP on loopback (python's http.server in a thread)."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(split.parent))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_a_split_behind_a_url_streams_like_the_same_split_on_disk(split, tokens, http_server):
+    collator = Collator(tokens, AUDIO, layout="packed", pack_length=200)
+    url = f"{http_server}/{split.name}"
+    for rank in range(2):
+        local = ShardLoader(split, collator, rank=rank, world_size=2, num_workers=1, seed=4, max_tokens=400)
+        remote = ShardLoader(url, collator, rank=rank, world_size=2, num_workers=1, seed=4, max_tokens=400)
+        assert str(remote.manifest.shard_path(remote.manifest.shards[0])).startswith(url + "/")
+        got, expected = run_epoch(remote), run_epoch(local)
+        assert len(got) == len(expected) > 0
+        for a, b in zip(got, expected):
+            assert_batches_equal(a, b)
+        assert remote.stats()["bad_shards"] == 0 and remote.stats()["seen_samples"] == local.stats()["seen_samples"]
+
+
+def test_a_url_that_cannot_be_fetched_stops_with_the_url_named(split, tokens, http_server, tmp_path):
+    from higgs_ds.data.shards import FetchError
+
+    collator = Collator(tokens, AUDIO)
+    with pytest.raises(FetchError, match=rf"^{http_server}/nowhere/manifest.json: could not fetch after 3 attempts"):
+        ShardLoader(f"{http_server}/nowhere", collator, max_tokens=400)
+    # A tar that disappears after the manifest was read: the run stops naming it (no silent "bad shard").
+    moved = shutil.copytree(split, split.parent / "vanishing")
+    loader = ShardLoader(f"{http_server}/vanishing", collator, num_workers=0, max_tokens=400, shuffle=False)
+    (moved / loader.manifest.shards[0].name).unlink()
+    with pytest.raises(FetchError, match=rf"{http_server}/vanishing/{loader.manifest.shards[0].name}: fetch failed"):
+        run_epoch(loader)
+    shutil.rmtree(moved)

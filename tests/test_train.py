@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from higgs_ds.data.tokens import AudioSettings, SpecialTokens
 from higgs_ds.model import HiggsAudioForTraining, LossNorm, learnable_counts, load_model, read_model_config
 from higgs_ds.model.checkpoint import save_checkpoint
 from higgs_ds.train import main as train_main
+from higgs_ds.train.components import warmup_cosine
 from higgs_ds.train.export import main as export_main
 from test_stream import make_samples, write_split
 
@@ -324,8 +326,6 @@ def test_bad_configs_fail_before_any_process_group(good, tmp_path, capsys, case)
     assert train_main(["--config", str(config), *overrides(config, tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
-    import re
-
     assert re.search(message, err[0]), err[0]
     assert not torch.distributed.is_initialized()
 
@@ -369,11 +369,29 @@ def test_two_launchers_on_two_loopback_hosts_train_like_one(corpus, reference, t
         assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-6), (step, got, ref)
 
 
+@pytest.fixture
+def served(corpus):
+    """The corpus served over HTTP on loopback (python's http.server in a thread of the test process)."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(corpus))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
 @pytest.mark.slow
-def test_torchrun_launches_the_same_run(corpus, reference, tmp_path):
+def test_torchrun_on_shards_behind_a_url_trains_like_the_reference(corpus, reference, tmp_path, served):
+    """torchrun instead of the deepspeed launcher, and the train/val splits fetched over HTTP: the same losses."""
     _, ref_out, _ = reference
     out = tmp_path / "run"
-    config = write_yaml(tmp_path / "run.yaml", **base_config(corpus, out))
+    config = base_config(corpus, out)
+    config["data"].update(train=f"{served}/train", val=f"{served}/val")
+    config = write_yaml(tmp_path / "run.yaml", **config)
     result = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
                              str(28500 + os.getpid() % 400), str(ROOT / "launch" / "train.py"), "--config",
                              str(config), "train.max_steps=3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -396,19 +414,25 @@ def test_resume_on_one_rank_from_two_restores_model_optimizer_and_the_rest_of_th
     code, output = launch(config, "train.max_steps=2")
     assert code == 0, output[-3000:]
     command = [str(DEEPSPEED), "--num_gpus", "1", "--master_port", str(29450 + os.getpid() % 40),
-               str(ROOT / "launch" / "train.py"), "--config", str(config), "train.resume=auto", "train.max_steps=3"]
+               str(ROOT / "launch" / "train.py"), "--config", str(config), "train.resume=auto", "train.max_steps=null",
+               "train.save_every=1", "train.keep_last=100"]
     resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "saved on 2 ranks, running on 1: universal checkpoint" in resumed.stdout + resumed.stderr
+    # Samples: steps 1-2 on two ranks, then the rest of the epoch on one rank.
+    keys = [k for k in consumed(out, range(1, 100)) if k != "<blank>"]
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == 80, "every sample of the epoch exactly once"
     # Step 3 by hand: AdamW from the step-2 fp32 weights and moments (the universal files), global normalisation,
-    # clipping at 1.0, the learning rate the resumed schedule gives step 2 (past warmup, cosine at 0: lr itself).
+    # clipping at 1.0, the learning rate the resumed schedule gives step 2 (the log's lr of the step before).
     universal = out / "universal" / "step00000002" / "zero"
     model = HiggsAudioForTraining(read_model_config(corpus / "model", AutoTokenizer.from_pretrained(
         str(TINY_TOKENIZER))))
     start = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step00000002")
     model.load_state_dict(start, strict=False)
     params = dict(model.named_parameters())
-    optimizer = torch.optim.AdamW(list(params.values()), lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    total = int(re.search(r"step 3/(\d+)", resumed.stdout + resumed.stderr).group(1))
+    lr = 3e-3 * warmup_cosine(2, 2, total, 0.1)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     for name, param in params.items():
         optimizer.state[param] = {
             "step": torch.tensor(2.0),
@@ -432,9 +456,49 @@ def test_resume_on_one_rank_from_two_restores_model_optimizer_and_the_rest_of_th
     err = max(((trained[n] - fresh[n]).abs().max() / trained[n].abs().max()).item() for n in fresh)
     assert err <= 1e-5, err
 
-    # Samples: steps 1-2 on two ranks, step 3 and the rest of the epoch on one rank (run it to the end).
-    rest = subprocess.run([*command[:-1], "train.max_steps=null"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert rest.returncode == 0, rest.stdout[-3000:] + rest.stderr[-3000:]
-    keys = [k for k in consumed(out, range(1, 100)) if k != "<blank>"]
-    assert sorted(keys) == sorted(set(keys)) and len(keys) == 80, "every sample of the epoch exactly once"
+
+
+def test_freezing_recipes_name_exactly_their_parameters(corpus, tokenizer):
+    from higgs_ds.train.components import RECIPES, param_groups, trainable_names
+
+    model = HiggsAudioForTraining(read_model_config(corpus / "model", tokenizer))
+    names = [n for n, _ in model.named_parameters()]
+    assert trainable_names(names, "none") == names
+    audio = set(trainable_names(names, "audio_only"))
+    expected = {n for n in names if ".audio_mlp." in n or ".audio_input_layernorm." in n
+                or ".audio_post_attention_layernorm." in n}
+    expected |= {"model.embed_audio_tokens.embed_audio_tokens.weight", "audio_lm_head.weight"}
+    assert audio == expected and len(expected) == 2 * 5 + 2
+    assert trainable_names(names, "text_head_only") == ["text_lm_head.weight"]
+    assert set(RECIPES) == {"none", "audio_only", "text_head_only"}
+    decay, no_decay = param_groups(model, 0.1)
+    no_decay_names = {n for n, p in model.named_parameters() if any(p is q for q in no_decay["params"])}
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
+    assert no_decay_names == {n for n in names if "norm" in n or "embed" in n}
+
+
+@pytest.mark.slow
+def test_audio_only_recipe_trains_the_audio_path_and_leaves_the_rest_bit_identical(corpus, tmp_path, tokenizer):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    model_config = read_model_config(corpus / "model", tokenizer)
+    torch.manual_seed(1)
+    start = HiggsAudioForTraining(model_config).state_dict()
+    save_checkpoint(start, model_config, tmp_path / "start")
+    config = base_config(corpus, tmp_path / "out", freeze="audio_only", max_steps=2)
+    config["model"] = {"pretrained": str(tmp_path / "start"), "tokenizer": str(TINY_TOKENIZER),
+                       "activation_checkpointing": True}
+    config = write_yaml(tmp_path / "run.yaml", **config)
+    result = subprocess.run([str(DEEPSPEED), "--num_gpus", "1", "--master_port", str(29350 + os.getpid() % 40),
+                             str(ROOT / "launch" / "train.py"), "--config", str(config)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "out" / "checkpoints"), tag="step00000002")
+    from higgs_ds.train.components import trainable_names
+
+    audio = set(trainable_names(list(start), "audio_only"))
+    for name, value in start.items():
+        if name in audio:
+            assert not torch.equal(trained[name], value), f"{name} should have trained"
+        else:
+            assert torch.equal(trained[name], value), f"{name} is frozen and must stay bit-identical"

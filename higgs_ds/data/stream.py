@@ -29,7 +29,7 @@ from .batch import IGNORE, Batch
 from .packing import ceil_div
 from .plan import AgreeMin, Budget, EpochPlan, Piece, ShardLengths, SlotPlan, plan_epoch
 from .sample import TokenizedSample
-from .shards import Manifest, ShardError, check_fingerprint, decode_sample, read_shard
+from .shards import Manifest, ShardError, check_fingerprint, decode_sample, is_remote, read_shard
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class SlotReader:
         files, report = self.files, self.report
         path, info = files.paths[piece.shard], files.infos[piece.shard]
         offset = int(files.lengths.offsets[piece.shard])
-        if path.exists() and path.stat().st_size != info.bytes:
+        if not is_remote(path) and path.exists() and path.stat().st_size != info.bytes:
             report.add("bad_shards", 1, f"{info.name}: {path.stat().st_size} bytes on disk, manifest says "
                                         f"{info.bytes} (truncated or replaced)")
         keys_read: set[int] = set()

@@ -15,6 +15,8 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..data.shards import is_remote
+
 FREEZE_RECIPES = ("none", "audio_only", "text_head_only")
 PRECISIONS = ("fp32", "bf16")
 
@@ -129,7 +131,8 @@ def check(config: RunConfig) -> None:
          "give exactly one: a checkpoint to fine-tune, or a model config to start from random weights")
     for key, value in (("model.pretrained", m.pretrained), ("model.config", m.config), ("model.tokenizer", m.tokenizer),
                        ("data.train", d.train), ("data.val", d.val), ("train.deepspeed", t.deepspeed)):
-        need(value is None or Path(value).exists(), key, f"{value}: no such file or directory")
+        remote = key.startswith("data.") and value is not None and is_remote(value)  # fetched (and checked) later
+        need(value is None or remote or Path(value).exists(), key, f"{value}: no such file or directory")
     need(d.layout in ("padded", "packed"), "data.layout", f"expected padded or packed, got {d.layout!r}")
     need((d.layout == "packed") == (d.pack_length is not None), "data.pack_length",
          "set for, and only for, data.layout=packed (use null with padded)")

@@ -24,7 +24,7 @@ import torch
 from ..data.batch import Batch
 from ..data.collator import Collator
 from ..data.packing import ceil_div
-from ..data.shards import Manifest, check_fingerprint, data_fingerprint
+from ..data.shards import FetchError, Manifest, check_fingerprint, data_fingerprint
 from ..data.stream import ShardLoader
 from ..data.tokens import SpecialTokens
 from ..model import HiggsAudioForTraining, LossConfig, LossNorm, learnable_counts, loss_means, read_model_config
@@ -89,7 +89,7 @@ def preflight(config: RunConfig, world_size: int) -> Setup:
             continue
         try:
             check_fingerprint(Manifest.load(split), expected)
-        except ValueError as exc:
+        except (ValueError, FetchError) as exc:
             raise RunConfigError(f"{key}: {exc}") from None
     if config.model.pretrained is not None:
         try:

@@ -17,8 +17,9 @@ from .manifest import COUNTS, FORMAT, MANIFEST, Manifest, ShardInfo, check_finge
 from .sample_codec import FIELDS, ShardError, decode_sample, encode_sample, sample_counts
 from .tar_reader import read_shard, tar_complete, tar_problem
 from .files import atomic_write, file_sha256
+from .location import FetchError, is_remote
 from .writer import SplitWriter
 
-__all__ = ["COUNTS", "FIELDS", "FORMAT", "MANIFEST", "Manifest", "ShardError", "ShardInfo", "SplitWriter",
-           "atomic_write", "check_fingerprint", "data_fingerprint", "decode_sample", "encode_sample", "file_sha256",
+__all__ = ["COUNTS", "FIELDS", "FORMAT", "FetchError", "MANIFEST", "Manifest", "ShardError", "ShardInfo",
+           "SplitWriter", "atomic_write", "is_remote", "check_fingerprint", "data_fingerprint", "decode_sample", "encode_sample", "file_sha256",
            "read_shard", "sample_counts", "tar_complete", "tar_problem"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 from ..tokens import AudioSettings, SpecialTokens
 from .sample_codec import ShardError, _json
 from .files import atomic_write
+from .location import Location, is_remote, join, read_bytes
 
 FORMAT = "higgs-ds-shards/2"  # 2: audio settings name codes_per_codebook
 MANIFEST = "manifest.json"
@@ -60,7 +62,8 @@ class Manifest:
     shards: list[ShardInfo] = field(default_factory=list)
     skipped: int = 0  # bad input samples the builder skipped (--on-error skip); see errors.jsonl beside it
     build: dict[str, Any] = field(default_factory=dict)  # how it was built (input, seed, options)
-    path: Path | None = None  # where it was loaded from / saved to; not stored
+    path: Location | None = None  # where it was loaded from / saved to; not stored
+    base: Location | None = None  # the split's directory or URL (location.py); not stored
 
     @property
     def totals(self) -> dict[str, int]:
@@ -79,14 +82,14 @@ class Manifest:
         """The tokenizer's: every text id in the shards lies below it."""
         return int(self.fingerprint["vocab_size"])
 
-    def shard_path(self, shard: ShardInfo) -> Path:
-        return self.path.parent / shard.name
+    def shard_path(self, shard: ShardInfo) -> Location:
+        return join(self.base, shard.name)
 
     def lengths(self, shard: ShardInfo) -> np.ndarray:
         """Expanded length of every sample of `shard`, in tar order (validated against the manifest)."""
-        path = self.path.parent / shard.lengths_name
+        path = join(self.base, shard.lengths_name)
         try:
-            lengths = np.load(path, allow_pickle=False)
+            lengths = np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
         except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file
             raise ShardError(f"{path}: cannot read the lengths sidecar ({type(exc).__name__}: {exc})") from exc
         if lengths.dtype != np.int32 or lengths.shape != (shard.samples,) or int(lengths.sum()) != \
@@ -100,16 +103,23 @@ class Manifest:
         body = {"format": FORMAT, "split": self.split, "fingerprint": self.fingerprint, "totals": self.totals,
                 "skipped": self.skipped, "build": self.build, "shards": [asdict(s) for s in self.shards]}
         atomic_write(path, json.dumps(body, indent=1, sort_keys=True).encode() + b"\n")
-        self.path = path
+        self.path, self.base = path, path.parent
         return path
 
     @classmethod
-    def load(cls, directory_or_file: str | Path) -> "Manifest":
-        """Read and check a manifest: every malformed field raises ShardError naming the file and the field."""
-        path = Path(directory_or_file)
-        path = path / MANIFEST if path.is_dir() else path
+    def load(cls, directory_or_file: Location) -> "Manifest":
+        """Read and check a manifest (a split directory or URL, or the manifest itself): every malformed field raises
+        ShardError naming the file and the field; a remote one that cannot be fetched raises FetchError."""
+        if is_remote(directory_or_file):
+            text = str(directory_or_file)
+            base = text[:-len(MANIFEST)].rstrip("/") if text.endswith("/" + MANIFEST) else text
+            path = join(base, MANIFEST)
+        else:
+            path = Path(directory_or_file)
+            path = path / MANIFEST if path.is_dir() else path
+            base = path.parent
         try:
-            body = json.loads(path.read_text())
+            body = json.loads(read_bytes(path).decode())
         except (OSError, ValueError, RecursionError) as exc:
             raise ShardError(f"{path}: cannot read the manifest ({exc})") from exc
         if not isinstance(body, dict) or body.get("format") != FORMAT:
@@ -129,7 +139,7 @@ class Manifest:
             twice = sorted({n for n in names if names.count(n) > 1})
             raise ShardError(f"{path}: malformed manifest: shards listed twice: {', '.join(twice)}")
         manifest = cls(split=body["split"], fingerprint=body["fingerprint"], shards=shards, skipped=skipped,
-                       build=build, path=path)
+                       build=build, path=path, base=base)
         try:
             manifest.tokens, manifest.audio, manifest.vocab_size  # noqa: B018 - fail here, not deep in a worker
         except (KeyError, TypeError, ValueError) as exc:

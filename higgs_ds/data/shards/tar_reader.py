@@ -8,26 +8,29 @@ from typing import Any, Iterator
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from ..packing import round_up
+from .location import FetchError, is_remote, name_of, open_stream
 from .sample_codec import ShardError
 
 BLOCK = tarfile.BLOCKSIZE
 
 
-def read_shard(path: str | Path) -> Iterator[dict[str, Any]]:
+def read_shard(path: str | Path) -> Iterator[dict[str, Any]]:  # a local path or a URL (location.py)
     """Raw samples of one shard in tar order, grouped by webdataset. A tar-level error (a file that ends inside a
     member, a duplicate field, a file that is not a tar) raises ShardError after the samples read before it.
     Python's tar reader stops silently at a member boundary where the file is cut short or a header is
     overwritten, so such a tar reads as shorter: compare with the manifest; `tar_problem` says which it is."""
-    path = Path(path)
+    remote, name = is_remote(path), name_of(path)
     try:
-        with open(path, "rb") as stream:
+        with open_stream(path) as stream:
             files = ({**f, "__url__": str(path)} for f in tar_file_iterator(stream))
             yield from group_by_keys(files)
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
         message = str(exc).split(" @ <")[0]  # webdataset appends the stream's repr
+        if remote and isinstance(exc, OSError):  # the fetch itself failed (curl's retries included): stop the run
+            raise FetchError(f"{path}: fetch failed while reading ({message})") from exc
         if isinstance(exc, tarfile.ReadError) and message == "unexpected end of data":
-            raise ShardError(f"{path.name}: truncated tar (the file ends inside a member)") from exc
-        raise ShardError(f"{path.name}: unreadable tar ({type(exc).__name__}: {message})") from exc
+            raise ShardError(f"{name}: truncated tar (the file ends inside a member)") from exc
+        raise ShardError(f"{name}: unreadable tar ({type(exc).__name__}: {message})") from exc
 
 
 def tar_problem(path: str | Path) -> str | None:
