@@ -502,3 +502,18 @@ def test_audio_only_recipe_trains_the_audio_path_and_leaves_the_rest_bit_identic
             assert not torch.equal(trained[name], value), f"{name} should have trained"
         else:
             assert torch.equal(trained[name], value), f"{name} is frozen and must stay bit-identical"
+
+
+@pytest.mark.slow
+def test_evaluate_prints_the_runs_own_eval_breakdown(reference, corpus, capsys):
+    from higgs_ds.train.evaluate import main as evaluate_main
+
+    _, out, output = reference
+    logged = dict(re.findall(r"(eval/\w+) ([\d.]+)", output.split("eval step 7:")[1].splitlines()[0]))
+    assert evaluate_main([str(out), "--split", str(corpus / "val"), "--json"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(printed[printed.index("{\n"):])
+    for name in ("text", "audio", "total"):
+        assert result[f"loss/{name}"] == pytest.approx(float(logged[f"eval/{name}"]), abs=1e-4)
+    assert sum(result[f"loss/audio_cb{k}"] for k in range(8)) == pytest.approx(result["loss/audio"], rel=1e-6)
+    assert result["seen_samples"] == result["planned_samples"] == 16

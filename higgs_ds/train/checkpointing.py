@@ -88,3 +88,27 @@ def to_universal(tag: Path, out: Path) -> None:
     subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag),
                     "--output_folder", str(out)], check=True, capture_output=True)
     atomic_write(out / COMPLETE, b"")
+
+
+def resolve(path: Path) -> Path:
+    """A tag directory, or a run's out_dir / checkpoints dir (its newest complete tag)."""
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / COMPLETE).exists():
+            return candidate
+        if (tag := latest(candidate)) is not None:
+            return tag
+    raise SystemExit(f"{path}: no complete checkpoint here (a tag directory with {COMPLETE}, or a run directory "
+                     "holding checkpoints/)")
+
+
+def run_config(tag: Path) -> dict[str, Any]:
+    """The resolved run config the trainer wrote beside its checkpoints (OUT/config.json)."""
+    return json.loads((tag.parent.parent / "config.json").read_text())
+
+
+def consolidated_state(tag: Path) -> dict[str, Any]:
+    """The fp32 weights of a ZeRO checkpoint, lazily gathered (DeepSpeed's zero_to_fp32 lazy mode: each tensor
+    is assembled from the memory-mapped partitions when `.contiguous()` is called on it)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name, lazy_mode=True)

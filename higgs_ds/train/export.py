@@ -7,7 +7,6 @@ is written (higgs_ds.model.save_checkpoint), so the export never holds the whole
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -19,26 +18,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja")
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A tag directory, or a run's out_dir / checkpoints dir (its newest complete tag)."""
-    for candidate in (path, path / "checkpoints"):
-        if (candidate / checkpointing.COMPLETE).exists():
-            return candidate
-        if (tag := checkpointing.latest(candidate)) is not None:
-            return tag
-    raise SystemExit(f"{path}: no complete checkpoint here (a tag directory with {checkpointing.COMPLETE}, or a run "
-                     "directory holding checkpoints/)")
-
-
 def export(checkpoint: Path, out: Path, layouts: list[str], max_shard_bytes: int = 5 * 2**30) -> list[Path]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoTokenizer
 
-    run = json.loads((checkpoint.parent.parent / "config.json").read_text())
+    run = checkpointing.run_config(checkpoint)
     tokenizer_dir = Path(run["model"]["tokenizer"])
     model_config = read_model_config(run["model"]["pretrained"] or run["model"]["config"],
                                      AutoTokenizer.from_pretrained(str(tokenizer_dir)))
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name, lazy_mode=True)
+    state = checkpointing.consolidated_state(checkpoint)
     written = []
     for layout in layouts:
         target = out / layout if len(layouts) > 1 else out
@@ -63,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     layouts = ["port", "boson"] if args.layout == "both" else [args.layout]
     try:
-        for path in export(resolve_checkpoint(args.checkpoint), args.out, layouts, args.max_shard_bytes):
+        for path in export(checkpointing.resolve(args.checkpoint), args.out, layouts, args.max_shard_bytes):
             print(f"wrote {path}")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,0 +1,492 @@
+"""Training under DeepSpeed ZeRO-3: per-rank model-state memory (computed and measured), our engine's tokens/s against
+the loop a user would write around transformers' HiggsAudioV2ForConditionalGeneration, and the data-wait share.
+
+    .venv/bin/python benchmarks/bench_train.py [--steps 4 --warmup 2 --max-tokens 1024] [--skip-memory]
+                                               [--skip-throughput] [--no-bucket-variant] [--keep DIR]
+
+(a) memory. (i) Computed at the release's widths (hidden 3072, 28 layers, intermediate 8192, 24 / 8 KV heads, text
+    vocab 128256, audio 8 x 1026, DualFFN on every layer), parameters counted on a meta-device
+    HiggsAudioForTraining: bytes per rank of fp32 ZeRO-3 + AdamW for N = 1, 2, 8 ranks, next to DeepSpeed's own
+    `estimate_zero3_model_states_mem_needs` for 8 x 80 GB GPUs. (ii) Measured: peak RSS of each rank of real
+    1-rank and 2-rank `deepspeed` launches of the engine (what launch/train.py runs: higgs_ds.train.main, in
+    process, in a worker mode of this script that records VmRSS/VmHWM) on a model with the real vocabularies and
+    hidden 1024, 2 layers (0.34 B parameters), ds_configs/cpu_zero3_fp32.json; the worker also sums the bytes of
+    the ZeRO-3 partitions it finds in the engine (parameters, AdamW moments, gradient partition, reduce bucket).
+    With --bucket-variant (default) the same two launches again with reduce_bucket_size 5e7 (see the notes).
+(b) tokens/s with 2 ranks: our engine (higgs_ds.train.main under deepspeed, throughput/tps from OUT/metrics.jsonl)
+    against a minimal DeepSpeed loop on transformers' HiggsAudioV2ForConditionalGeneration(use_text_head=True)
+    with its own loss, same DeepSpeed JSON (deepspeed_config of the same run YAML), same AdamW, same shards and
+    the same batches (the same ShardLoader plan, converted with higgs_ds.model.port.port_inputs). Hidden 512,
+    4 layers, real heads (128256 / 8 x 1026) as bench_step. Padded layout (one sample per row: the port cannot
+    isolate packed samples). `--warmup` steps, then `--steps` timed steps; one thread per rank.
+(c) the data-wait share of our step time (time/data_wait_share in OUT/metrics.jsonl).
+
+Each launch has its own process group; the final checkpoint is skipped in the worker (Trainer.save patched out:
+it is not what is measured, and its full-model gather on rank 0 would add to that rank's peak).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = ROOT / "tests" / "assets" / "tiny_tokenizer"
+CPU_DS = ROOT / "ds_configs" / "cpu_zero3_fp32.json"
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+GIB, MIB = 2 ** 30, 2 ** 20
+WORDS = "the quick brown fox jumps over a lazy dog while we read this text aloud in a calm voice".split()
+
+
+def boson_config(hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int,
+                 vocab: int = 128256) -> dict:
+    """A boson-layout config.json (the release's layout) with DualFFN on every layer and 8 x 1026 audio ids."""
+    return {"audio_num_codebooks": 8, "audio_codebook_size": 1024, "use_delay_pattern": True,
+            "skip_audio_tower": True, "audio_adapter_type": "dual_ffn_fast_forward",
+            "audio_dual_ffn_layers": list(range(layers)),
+            "text_config": {"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": intermediate,
+                            "num_hidden_layers": layers, "num_attention_heads": heads,
+                            "num_key_value_heads": kv_heads, "head_dim": hidden // heads}}
+
+
+RELEASE = boson_config(3072, 28, 8192, 24, 8)
+MEMORY_MODEL = boson_config(1024, 2, 4096, 16, 8)  # real vocabularies, small backbone: 0.34 B parameters
+SPEED_MODEL = boson_config(512, 4, 1376, 8, 2)  # bench_step's widths
+
+
+def status(key: str) -> int:
+    """VmRSS / VmHWM of this process in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+# ---------------------------------------------------------------------------------------------------- (a)(i)
+
+def count_parameters(raw: dict) -> tuple[int, int]:
+    """Total parameters and the largest single module (a decoder layer, the text head or the embedding), on meta."""
+    import torch
+
+    from higgs_ds.model import HiggsAudioForTraining, read_model_config
+
+    with torch.device("meta"):
+        model = HiggsAudioForTraining(read_model_config(raw))
+    total = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters())
+                  for m in [*model.model.layers, model.text_lm_head, model.model.embed_tokens])
+    return total, largest
+
+
+def computed_memory() -> dict:
+    from deepspeed.runtime.zero.stage3 import (estimate_zero3_model_states_mem_needs,
+                                               estimate_zero3_model_states_mem_needs_all_cold)
+
+    total, largest = count_parameters(RELEASE)
+    # fp32 ZeRO-3 + AdamW as DeepSpeed 0.19.8 lays it out on one device: the fp32 parameter partition (4 B; the
+    # "fp32 master" is that same tensor when the model is fp32, stage3.py), AdamW's two moments (8 B) and the fp32
+    # gradient partition (4 B): 16 B / param / N. With bf16 compute a separate fp32 master is added: 2 + 4 + 8 + 4
+    # = 18 B (DeepSpeed's estimator uses 18) and 20 B for fp32 compute with a separate master copy.
+    per_rank = {n: 16 * total / n for n in (1, 2, 8)}
+    with contextlib.redirect_stdout(io.StringIO()) as table:
+        estimate_zero3_model_states_mem_needs_all_cold(total, largest, num_gpus_per_node=8)
+    estimates = {}
+    for offload_optimizer, offload_params in ((False, False), (True, False), (True, True)):
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, num_gpus_per_node=8,
+                                                            cpu_offload=offload_optimizer,
+                                                            cpu_offload_params=offload_params)
+        estimates[(offload_optimizer, offload_params)] = (cpu, gpu)
+    return {"total": total, "largest": largest, "per_rank": per_rank, "estimates": estimates,
+            "table": table.getvalue()}
+
+
+def print_computed(c: dict) -> None:
+    total, largest = c["total"], c["largest"]
+    print(f"(a)(i) release widths: {total / 1e9:.3f} B parameters, largest module {largest / 1e6:.1f} M "
+          "(text head / embedding)")
+    print("  fp32 ZeRO-3 + AdamW, 16 B/param/N (fp32 param partition 4 + AdamW moments 8 + fp32 grad partition 4):")
+    for n, value in c["per_rank"].items():
+        print(f"    N={n}: {value / GIB:7.1f} GiB per rank   ratio to N=1: {value / c['per_rank'][1]:.3f}")
+    print("  + per rank, not partitioned: the largest module gathered (4 B x largest = "
+          f"{4 * largest / GIB:.2f} GiB) and the filled part of the reduce bucket (<= reduce_bucket_size x 4 B, "
+          f"5e8 by default = {5e8 * 4 / GIB:.2f} GiB)")
+    print("  DeepSpeed estimate_zero3_model_states_mem_needs, 8 GPUs on 1 node (per GPU / per CPU):")
+    for (opt, par), (cpu, gpu) in c["estimates"].items():
+        fits = "fits" if gpu <= 80e9 else "does not fit"
+        print(f"    offload_optimizer={'cpu ' if opt else 'none'} offload_param={'cpu ' if par else 'none'}: "
+              f"{gpu / GIB:6.2f} GiB per GPU ({fits} in 80 GB), {cpu / GIB:7.2f} GiB per CPU")
+
+
+# ---------------------------------------------------------------------------------------------------- shards
+
+def write_workspace(root: Path, samples: int, seed: int) -> None:
+    """TTS-like samples (system + user text, 2-8 s of assistant audio, a third with a 1-3 s reference clip in the
+    user turn; random codes), sharded for the tiny tokenizer; model configs for the memory and speed runs."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from higgs_ds.data.chatml import sample_from_chatml
+    from higgs_ds.data.shards import SplitWriter, data_fingerprint
+    from higgs_ds.data.tokens import SpecialTokens
+    from higgs_ds.model_config import read_model_config
+
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    for name, raw in (("memory_model", MEMORY_MODEL), ("speed_model", SPEED_MODEL)):
+        (root / name).mkdir(parents=True)
+        (root / name / "config.json").write_text(json.dumps(raw))
+    config = read_model_config(root / "speed_model", tokenizer)
+    assert read_model_config(root / "memory_model", tokenizer).audio == config.audio
+    tokens = SpecialTokens.from_tokenizer(tokenizer, config.pad_token_id)
+    audio = config.audio
+    rng = np.random.default_rng(seed)
+    writer = SplitWriter(root / "train", "train", data_fingerprint(tokenizer, tokens, audio), tokens, audio,
+                         shard_samples=32)
+    for i in range(samples):
+        clips = {}
+
+        def clip(name: str, seconds: float) -> dict:
+            clips[name] = rng.integers(0, 1024, (8, round(25 * seconds))).astype(np.int16)
+            return {"type": "audio", "audio_url": name}
+
+        user = [{"type": "text", "text": " ".join(rng.choice(WORDS, int(rng.integers(8, 40))))}]
+        if i % 3 == 0:
+            user.insert(0, clip("ref", rng.uniform(1, 3)))
+        chat = {"messages": [{"role": "system", "content": "Generate audio following instruction."},
+                             {"role": "user", "content": user},
+                             {"role": "assistant", "content": clip("out", rng.uniform(2, 8))}]}
+        writer.add(sample_from_chatml(chat, tokenizer, tokens, audio, key=f"s{i}",
+                                      load_codes=lambda ref: clips[ref.item["audio_url"]]))
+    writer.close()
+
+
+def write_run(root: Path, name: str, model: str, max_tokens: int, steps: int, ds: Path) -> Path:
+    import yaml
+
+    out = root / name
+    run = {"model": {"config": str(root / model), "tokenizer": str(TOKENIZER)},
+           "data": {"train": str(root / "train"), "layout": "padded", "pack_length": None,
+                    "max_tokens": max_tokens, "round_to": 64, "num_workers": 1, "seed": 0},
+           "optim": {"lr": 1e-4, "warmup_steps": 0},
+           "train": {"out_dir": str(out), "deepspeed": str(ds), "precision": "fp32", "grad_accum": 1,
+                     "epochs": 1, "max_steps": steps, "log_every": 1}}
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(run))
+    return path
+
+
+def launch(ranks: int, worker: str, config: Path, out: Path, timeout: int) -> tuple[float, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // ranks))}
+    command = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(29700 + os.getpid() % 200),
+               str(Path(__file__).resolve()), "--worker", worker, "--worker-out", str(out), "--config", str(config)]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output = process.communicate()[0]
+        raise RuntimeError(f"{worker} launch on {ranks} rank(s) timed out after {timeout} s:\n{output[-4000:]}")
+    seconds = time.perf_counter() - started
+    if process.returncode != 0:
+        raise RuntimeError(f"{worker} launch on {ranks} rank(s) failed ({process.returncode}):\n{output[-6000:]}")
+    return seconds, output
+
+
+def rank_reports(out: Path, ranks: int) -> list[dict]:
+    return [json.loads((out / f"bench.rank{r}.json").read_text()) for r in range(ranks)]
+
+
+# ---------------------------------------------------------------------------------------------------- workers
+
+def zero3_state_bytes(engine, optimizer) -> dict[str, int]:
+    """Bytes of what ZeRO-3 holds per rank, from the engine's own tensors."""
+    import torch
+
+    def size(t) -> int:
+        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+    params = sum(size(getattr(p, "ds_tensor", None)) for p in engine.module.parameters())
+    inner = getattr(optimizer, "optimizer", optimizer)
+    moments = sum(size(v) for state in inner.state.values() for v in state.values() if size(v) > 8)
+    fp16 = getattr(optimizer, "fp16_partitioned_groups_flat", [])
+    fp32 = getattr(optimizer, "fp32_partitioned_groups_flat", [])
+    master = sum(size(b) for a, b in zip(fp16, fp32) if a.data_ptr() != b.data_ptr())
+    grads = size(getattr(optimizer, "grad_partitions_flat_buffer", None))
+    buckets = sum(size(getattr(b, "buffer", None)) for b in getattr(optimizer, "ipg_buckets", {}).values())
+    return {"param_partition": params, "separate_fp32_master": master, "adam_moments": moments,
+            "grad_partition": grads, "reduce_bucket_allocated": buckets}
+
+
+def worker_train(args, rest: list[str]) -> int:
+    """What launch/train.py runs (higgs_ds.train.main), in process, with RSS recorded."""
+    after_imports = status("VmRSS")
+    import torch.distributed as dist
+
+    from higgs_ds.train import main, trainer
+
+    seen: dict = {}
+    original_init, original_train = trainer.Trainer.__init__, trainer.Trainer.train
+
+    def init(self, *a, **k):
+        seen["rss_process_group"] = status("VmRSS")  # after deepspeed.init_distributed, before the model
+        original_init(self, *a, **k)
+
+    def train(self):
+        seen["rss_before_steps"] = status("VmRSS")  # model partitions + AdamW states, no step yet
+        seen["hwm_before_steps"] = status("VmHWM")
+        result = original_train(self)
+        seen["state"] = zero3_state_bytes(self.engine, self.optimizer)
+        seen["trainer"] = self
+        return result
+
+    trainer.Trainer.__init__, trainer.Trainer.train = init, train
+    trainer.Trainer.save = lambda self: None  # not measured; its rank-0 full-model gather would add to the peak
+    code = main(["--config", str(args.config)] + [a for a in rest if not a.startswith("--local_rank")])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    import torch
+
+    report = {"rank": rank, "world": int(os.environ.get("WORLD_SIZE", 1)), "threads": torch.get_num_threads(),
+              "rss_after_imports": after_imports, **{k: v for k, v in seen.items() if k != "trainer"},
+              "peak_rss": status("VmHWM"), "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    (Path(args.worker_out) / f"bench.rank{rank}.json").write_text(json.dumps(report, indent=1))
+    return code
+
+
+def worker_port(args, rest: list[str]) -> int:
+    """The baseline: transformers' port + its own loss in a minimal DeepSpeed loop, same JSON, same batches."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from transformers import HiggsAudioV2ForConditionalGeneration
+
+    from higgs_ds.model.port import port_inputs
+    from higgs_ds.train.config import load_config
+    from higgs_ds.train.trainer import make_loader, preflight
+
+    config = load_config(args.config)
+    setup = preflight(config, int(os.environ.get("WORLD_SIZE", 1)))  # the same DeepSpeed JSON and loader plan
+    deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(config.model.init_seed)
+    port_config = setup.model_config.transformers_config()
+    with deepspeed.zero.Init(config_dict_or_path=setup.ds):
+        model = HiggsAudioV2ForConditionalGeneration(port_config, use_text_head=True)
+    model.config._attn_implementation = "sdpa"
+    o = config.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                  weight_decay=o.weight_decay)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                      config={**setup.ds, "zero_allow_untested_optimizer": True})
+    rss_before_steps = status("VmRSS")
+    loader = make_loader(setup, config.data.train, rank, train=True)
+    batches = iter(loader)
+    steps = []
+    engine.train()
+    for _ in range(min(config.train.max_steps, len(loader))):
+        started = time.perf_counter()
+        batch = next(batches)
+        fetched = time.perf_counter()
+        inputs = port_inputs(batch, port_config)
+        converted = time.perf_counter()
+        loss = engine(**inputs).loss
+        engine.backward(loss)
+        engine.step()
+        sums = torch.tensor([float(batch.num_tokens), loss.item()], dtype=torch.float64)
+        dist.all_reduce(sums)  # the global token count, as our engine's metrics all-reduce
+        done = time.perf_counter()
+        steps.append({"step_s": done - started, "data_s": fetched - started, "convert_s": converted - fetched,
+                      "tokens": float(sums[0]), "loss_mean_over_ranks": float(sums[1]) / world})
+        if rank == 0:
+            print(f"port step {len(steps)}: {steps[-1]['step_s']:.2f} s, {sums[0] / steps[-1]['step_s']:.0f} tok/s, "
+                  f"loss {steps[-1]['loss_mean_over_ranks']:.3f}", flush=True)
+    report = {"rank": rank, "world": world, "threads": torch.get_num_threads(), "steps": steps,
+              "rss_before_steps": rss_before_steps, "peak_rss": status("VmHWM")}
+    Path(args.worker_out).mkdir(parents=True, exist_ok=True)
+    (Path(args.worker_out) / f"bench.rank{rank}.json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- (a)(ii)
+
+def measured_memory(root: Path, args, variants: list[tuple[str, Path]]) -> list[dict]:
+    rows = []
+    for label, ds in variants:
+        for ranks in (1, 2):
+            name = f"memory_{label}_{ranks}"
+            config = write_run(root, name, "memory_model", args.memory_max_tokens, args.memory_steps, ds)
+            seconds, output = launch(ranks, "train", config, root / name, args.timeout)
+            reports = rank_reports(root / name, ranks)
+            metrics = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+            rows.append({"label": label, "ranks": ranks, "seconds": seconds, "reports": reports,
+                         "metrics": metrics})
+            peak = max(r["peak_rss"] for r in reports)
+            print(f"  {label:14s} {ranks} rank(s): peak RSS per rank "
+                  + ", ".join(f"{r['peak_rss'] / GIB:.2f}" for r in reports)
+                  + f" GiB (launch {seconds:.0f} s, {len(metrics)} steps)", flush=True)
+            assert peak > 0
+    return rows
+
+
+def print_measured(rows: list[dict], total: int) -> dict:
+    print(f"(a)(ii) measured: hidden 1024, 2 layers, real vocabularies, {total / 1e9:.3f} B parameters, fp32 "
+          "ZeRO-3 + AdamW, 16 B/param = "
+          f"{16 * total / GIB:.2f} GiB of model states at N=1")
+    header = ("variant", "ranks", "rank", "after imports", "process group", "before steps", "peak RSS",
+              "params+moments+grads (tensors)", "reduce bucket (alloc.)")
+    print("  " + " | ".join(header))
+    ratios = {}
+    for row in rows:
+        for r in row["reports"]:
+            s = r["state"]
+            held = s["param_partition"] + s["separate_fp32_master"] + s["adam_moments"] + s["grad_partition"]
+            print(f"  {row['label']} | {row['ranks']} | {r['rank']} | {r['rss_after_imports'] / MIB:.0f} MiB | "
+                  f"{r['rss_process_group'] / MIB:.0f} MiB | {r['rss_before_steps'] / GIB:.2f} GiB | "
+                  f"{r['peak_rss'] / GIB:.2f} GiB | {held / GIB:.2f} GiB | "
+                  f"{s['reduce_bucket_allocated'] / GIB:.2f} GiB")
+    for label in dict.fromkeys(row["label"] for row in rows):
+        one, two = ([row for row in rows if row["label"] == label and row["ranks"] == n][0] for n in (1, 2))
+
+        def states(report):
+            s = report["state"]
+            return s["param_partition"] + s["separate_fp32_master"] + s["adam_moments"] + s["grad_partition"]
+
+        peak = max(r["peak_rss"] for r in two["reports"]) / one["reports"][0]["peak_rss"]
+        before = max(r["rss_before_steps"] for r in two["reports"]) / one["reports"][0]["rss_before_steps"]
+        tensor = max(states(r) for r in two["reports"]) / states(one["reports"][0])
+        ratios[label] = {"peak": peak, "before_steps": before, "tensors": tensor}
+        print(f"  {label}: ratio 2 ranks / 1 rank (worst rank): model-state tensors {tensor:.3f} (computed 0.500), "
+              f"RSS before the first step {before:.3f}, peak RSS {peak:.3f}")
+    return ratios
+
+
+# ---------------------------------------------------------------------------------------------------- (b), (c)
+
+def throughput(root: Path, args) -> dict:
+    steps = args.warmup + args.steps
+    results = {}
+    for worker in ("train", "port"):
+        name = f"speed_{worker}"
+        config = write_run(root, name, "speed_model", args.max_tokens, steps, CPU_DS)
+        seconds, output = launch(2, worker, config, root / name, args.timeout)
+        reports = rank_reports(root / name, 2)
+        if worker == "train":
+            rows = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+            timed = rows[args.warmup:]
+            tokens = sum(r["throughput/tps"] * r["time/step_s"] for r in timed)
+            seconds_total = sum(r["time/step_s"] for r in timed)
+            compute = sum(r["time/step_s"] * (1 - r["time/data_wait_share"]) for r in timed)
+            results["ours"] = {"tps": tokens / seconds_total, "tps_compute": tokens / compute,
+                               "step_s": statistics.median(r["time/step_s"] for r in timed),
+                               "data_wait_share": [r["time/data_wait_share"] for r in rows],
+                               "timed_share": 1 - compute / seconds_total, "tokens_per_step": tokens / len(timed),
+                               "launch_s": seconds, "loss_first": rows[0]["loss/total"],
+                               "threads": reports[0]["threads"], "peak_rss": [r["peak_rss"] for r in reports],
+                               "steps": len(rows)}
+        else:
+            timed = reports[0]["steps"][args.warmup:]  # rank 0's clock, global tokens (as ours)
+            tokens = sum(s["tokens"] for s in timed)
+            seconds_total = sum(s["step_s"] for s in timed)
+            compute = sum(s["step_s"] - s["data_s"] - s["convert_s"] for s in timed)
+            results["port"] = {"tps": tokens / seconds_total, "tps_compute": tokens / compute,
+                               "step_s": statistics.median(s["step_s"] for s in timed),
+                               "timed_share": 1 - compute / seconds_total,
+                               "convert_s": statistics.median(s["convert_s"] for s in timed),
+                               "tokens_per_step": tokens / len(timed), "launch_s": seconds,
+                               "loss_first": reports[0]["steps"][0]["loss_mean_over_ranks"],
+                               "threads": reports[0]["threads"], "peak_rss": [r["peak_rss"] for r in reports],
+                               "steps": len(reports[0]["steps"])}
+        print(f"  {worker}: launch {seconds:.0f} s", flush=True)
+    ours, port = results["ours"], results["port"]
+    assert abs(ours["tokens_per_step"] - port["tokens_per_step"]) < 1e-6 * ours["tokens_per_step"], \
+        "the two runs must see the same batches"
+    return results
+
+
+def print_throughput(results: dict, args) -> None:
+    ours, port = results["ours"], results["port"]
+    print(f"(b) 2 ranks x {ours['threads']} thread(s), hidden 512, 4 layers, real heads, padded batches of <= "
+          f"{args.max_tokens} positions, {args.warmup} warm-up + {args.steps} timed steps, "
+          f"{ours['tokens_per_step']:.0f} real tokens per step (both ranks)")
+    for name, r in (("ours", ours), ("port", port)):
+        print(f"  {name}: median step {r['step_s']:.2f} s, {r['tps']:.0f} tokens/s (data wait + conversion "
+              f"{r['timed_share']:.1%} of step time; without it {r['tps_compute']:.0f} tokens/s), first loss "
+              f"{r['loss_first']:.3f}, peak RSS per rank "
+              + ", ".join(f"{v / GIB:.2f}" for v in r["peak_rss"]) + " GiB")
+    print(f"  speed-up ours / port: {ours['tps'] / port['tps']:.2f}x (step time incl. data), "
+          f"{ours['tps_compute'] / port['tps_compute']:.2f}x (compute only); port_inputs conversion "
+          f"{port['convert_s'] * 1000:.0f} ms per step")
+    share = ours["data_wait_share"]
+    print(f"(c) data-wait share of our step time: step 1 {share[0]:.1%}, later steps median "
+          f"{statistics.median(share[1:]):.2%} (max {max(share[1:]):.2%})")
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=4, help="timed steps of (b)")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up steps of (b)")
+    parser.add_argument("--max-tokens", type=int, default=1024, help="batch budget of (b) per rank")
+    parser.add_argument("--memory-steps", type=int, default=3)
+    parser.add_argument("--memory-max-tokens", type=int, default=1024)
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per launch")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--no-bucket-variant", action="store_true")
+    parser.add_argument("--keep", type=Path, help="work in this (new) folder and keep it")
+    parser.add_argument("--worker", choices=("train", "port"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args()
+    if args.worker == "train":
+        return worker_train(args, rest)
+    if args.worker == "port":
+        return worker_port(args, rest)
+    if rest:
+        parser.error(f"unknown arguments {rest}")
+
+    import torch
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.1f} GiB RAM, torch {torch.__version__}, "
+          f"load {os.getloadavg()[0]:.2f}")
+    print_computed(computed_memory())
+    root = args.keep or Path(tempfile.mkdtemp(prefix="bench_train."))
+    if args.keep:
+        root.mkdir(parents=True)
+    try:
+        write_workspace(root, args.samples, seed=0)
+        if not args.skip_memory:
+            variants = [("default", CPU_DS)]
+            if not args.no_bucket_variant:
+                ds = json.loads(CPU_DS.read_text())
+                ds["zero_optimization"]["reduce_bucket_size"] = int(5e7)
+                (root / "cpu_zero3_fp32_bucket5e7.json").write_text(json.dumps(ds))
+                variants.append(("bucket 5e7", root / "cpu_zero3_fp32_bucket5e7.json"))
+            rows = measured_memory(root, args, variants)
+            print_measured(rows, count_parameters(MEMORY_MODEL)[0])
+        if not args.skip_throughput:
+            print_throughput(throughput(root, args), args)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    print(f"load at the end {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
