@@ -282,8 +282,9 @@ def worker_port(args, rest: list[str]) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(config.model.init_seed)
     port_config = setup.model_config.transformers_config()
-    with deepspeed.zero.Init(config_dict_or_path=setup.ds):
-        model = HiggsAudioV2ForConditionalGeneration(port_config, use_text_head=True)
+    # Built whole and partitioned by deepspeed.initialize: under deepspeed.zero.Init, transformers' post_init
+    # (zeroing the embedding's padding row) indexes the already partitioned, empty weight and fails.
+    model = HiggsAudioV2ForConditionalGeneration(port_config, use_text_head=True)
     model.config._attn_implementation = "sdpa"
     o = config.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,

@@ -136,7 +136,7 @@ def load_upstream(boson: Path):
     if set(saved) != expected:
         problems["file_vs_model_keys"] = dict(only_in_file=sorted(set(saved) - expected),
                                               only_in_model=sorted(expected - set(saved)))
-    dtypes = {dtype for dtype in saved.values()}
+    dtypes = set(saved.values())
     if dtypes != {"F32"}:
         problems["file_dtypes"] = sorted(dtypes)
     if any(p.dtype != torch.float32 for p in model.parameters()):
@@ -201,7 +201,7 @@ def step_upstream(export: Path, npz_path: Path) -> int:
     if problems:
         print(f"FAIL: upstream does not load the export cleanly: {json.dumps(problems, indent=1)}")
         return 1
-    k_count, codes = config.audio_num_codebooks, config.audio_codebook_size
+    k_count = config.audio_num_codebooks
     collator = HiggsAudioSampleCollator(
         whisper_processor=None, audio_in_token_id=config.audio_in_token_idx,
         audio_out_token_id=config.audio_out_token_idx, pad_token_id=config.pad_token_id,

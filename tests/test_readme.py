@@ -27,11 +27,15 @@ MARKER = "<!-- test: data-commands -->"
 OUT = Path("/tmp/higgs-example-shards")  # where the README's commands write
 
 
-def data_section() -> str:
+def section(title: str) -> str:
     text = (ROOT / "README.md").read_text()
-    start = text.index("\n## Data")
+    start = text.index(f"\n## {title}")
     end = text.find("\n## ", start + 1)
     return text[start:end if end != -1 else None]
+
+
+def data_section() -> str:
+    return section("Data")
 
 
 def command_blocks() -> list[str]:
@@ -88,8 +92,11 @@ def test_every_data_command_block_is_tested():
     text = (ROOT / "README.md").read_text()
     assert "shards.py" not in text and "from_model_config" not in text, "stale names"
     assert "read_model_config(" in section
+    training = globals()["section"]("Training")
+    assert training.count("```bash") == training.count("<!-- test: train-commands -->") == 1
 
 
+@pytest.mark.slow
 @pytest.mark.slow
 def test_readme_data_commands_run_verbatim(tmp_path, readme_out_lock):
     root = repo_root_with_venv(tmp_path)
@@ -123,6 +130,19 @@ def test_readme_data_commands_run_verbatim(tmp_path, readme_out_lock):
     stats = ast.literal_eval(lines[-1])  # the dict printed by loader.stats()
     assert stats["planned_samples"] == stats["seen_samples"] == 20 and stats["dropped_samples"] == 0
     assert sum(len(ast.literal_eval(line.split(") ", 1)[1])) for line in lines[:-1] if "<blank>" not in line) == 20
+
+    # The training section's commands, verbatim, on the shards just built: dry run, 2-rank ZeRO-3 run, evaluation
+    # and export.
+    train = re.search(r"<!-- test: train-commands -->\s*```bash\n(.*?)```", section("Training"), re.S).group(1)
+    run = subprocess.run(["bash", "-e", "-c", train], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, f"{train}\nstdout:\n{run.stdout[-4000:]}\nstderr:\n{run.stderr[-4000:]}"
+    plan = Path("/tmp/higgs-example-plan.json").read_text()
+    assert json.loads(plan[plan.index("{\n"):])["data"]["samples"] == 20
+    steps = [json.loads(line) for line in Path("/tmp/higgs-example-run/metrics.jsonl").read_text().splitlines()]
+    assert len(steps) >= 4 and steps[-1]["loss/total"] < steps[0]["loss/total"]
+    assert re.search(r"^loss/audio_cb7 +\d+\.\d+$", run.stdout, re.M)  # evaluate's table
+    for layout in ("port", "boson"):
+        assert (Path("/tmp/higgs-example-export") / layout / "model.safetensors").exists()
 
 
 @pytest.mark.slow

@@ -517,3 +517,24 @@ def test_evaluate_prints_the_runs_own_eval_breakdown(reference, corpus, capsys):
         assert result[f"loss/{name}"] == pytest.approx(float(logged[f"eval/{name}"]), abs=1e-4)
     assert sum(result[f"loss/audio_cb{k}"] for k in range(8)) == pytest.approx(result["loss/audio"], rel=1e-6)
     assert result["seen_samples"] == result["planned_samples"] == 16
+
+
+def test_slurm_template_runs_torchrun_per_node_in_a_fake_slurm_job(good, tmp_path):
+    """launch/slurm_train.sh under a fake SLURM (scontrol and srun stand-ins on PATH, one node of 2 'GPUs'): it
+    rendezvous on the first host and each of torchrun's ranks reaches train.py (--dry-run: no process group)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\n[ \"$1 $2\" = 'show hostnames' ] && echo localhost\n")
+    # srun: drop its own options, run the command once (this is one node).
+    (bin_dir / "srun").write_text("#!/bin/sh\nwhile [ \"${1#--}\" != \"$1\" ]; do shift; done\nexec \"$@\"\n")
+    for tool in ("scontrol", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    config = write_yaml(tmp_path / "run.yaml", **good)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[1-1]",
+           "SLURM_NNODES": "1", "SLURM_JOB_ID": "42", "GPUS_PER_NODE": "2",
+           "MASTER_PORT": str(27500 + os.getpid() % 400)}
+    result = subprocess.run(["bash", str(ROOT / "launch" / "slurm_train.sh"), str(config), "train.max_steps=5",
+                             "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count('"micro_batches_per_epoch_per_rank"') == 2, "one dry run per torchrun rank"
+    assert result.stdout.count('"steps": 5') == 2
