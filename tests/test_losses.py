@@ -221,6 +221,8 @@ def test_logged_predictions_are_the_heads_top1_at_learnable_rows():
     frames = torch.tensor([j for j, _ in audio_pairs])
     assert everything.audio_labels.tolist() == [labels for _, labels in audio_pairs]
     assert torch.equal(everything.audio_predictions, logits.audio[frames].argmax(-1))
+    assert torch.equal(everything.text_positions, positions) and torch.equal(everything.audio_frames, frames)
+    assert torch.equal(everything.audio_inputs, batch.audio_out_ids[:, frames].T)
     few = model(**batch.model_inputs(), return_predictions=True, num_logged=3)
     assert few.text_labels.shape == (3,) and few.audio_predictions.shape == (3, CONFIG.num_codebooks)
     assert few.text_labels[0] == text_pairs[0][1] and few.text_labels[-1] == text_pairs[-1][1]

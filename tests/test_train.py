@@ -307,10 +307,20 @@ BAD = {
     "both batch budgets": (lambda c, p: ["data.batch_size=4"], r"data\.max_tokens / data\.batch_size: give exactly one"),
     "another model": (lambda c, p: [f"model.config={other_model(p)}"],
                       r"data\.train: .*shards were built for another tokenizer/model config \(audio"),
+    "another tokenizer": (lambda c, p: [f"model.tokenizer={other_tokenizer(p)}"],
+                          r"data\.train: .*shards were built for another tokenizer/model config \(tokenizer_vocab"),
+    "unknown hook": (lambda c, p: ["train.hooks=[no_such_module:Hook]"], r"train\.hooks: 'no_such_module:Hook' is not"),
     "freezes everything": (lambda c, p: ["train.trainable=[no_such_module]"],
                            r"train\.trainable=\['no_such_module'\]: no parameter of this model would train"),
     "no model": (lambda c, p: ["model.config=null"], r"model\.pretrained / model\.config: give exactly one"),
 }
+
+
+def other_tokenizer(tmp_path: Path) -> str:
+    tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER))
+    tokenizer.add_tokens(["<|not_in_the_shards|>"])
+    tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    return str(tmp_path / "tokenizer")
 
 
 def other_model(tmp_path: Path) -> str:
@@ -386,20 +396,32 @@ def served(corpus):
 
 @pytest.mark.slow
 def test_torchrun_on_shards_behind_a_url_trains_like_the_reference(corpus, reference, tmp_path, served):
-    """torchrun instead of the deepspeed launcher, and the train/val splits fetched over HTTP: the same losses."""
+    """torchrun instead of the deepspeed launcher, and the train/val splits fetched over HTTP: the same losses;
+    a rank-0 hook receives every step's values and its stop request stops every rank."""
     _, ref_out, _ = reference
     out = tmp_path / "run"
     config = base_config(corpus, out)
     config["data"].update(train=f"{served}/train", val=f"{served}/val")
     config = write_yaml(tmp_path / "run.yaml", **config)
+    # With a hook (the seam of the hooks issue) that records what rank 0 receives and asks to stop after step 2.
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
     result = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
                              str(28500 + os.getpid() % 400), str(ROOT / "launch" / "train.py"), "--config",
-                             str(config), "train.max_steps=3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                             str(config), "train.max_steps=3", "train.hooks=[hooks_for_tests:RecordAndStop]"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     ref, got = losses(ref_out), losses(out)
-    assert sorted(got) == [1, 2, 3]
-    for step in got:  # losses 1-3 see updates 1-2 only, whose learning rates (warmup) do not depend on max_steps
+    assert sorted(got) == [1, 2], "the hook's stop reached both ranks after step 2 (max_steps was 3)"
+    for step in got:  # losses 1-2 see update 1 only, whose learning rate (warmup) does not depend on max_steps
         assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-6), (step, got, ref)
+    rows = [json.loads(line) for line in (out / "hook.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "step" in row]
+    assert [row["step"] for row in steps] == [1, 2] and steps[0]["loss"] == pytest.approx(ref[1], rel=1e-6)
+    assert all(len(row["rank_learnable"]) == 2 and len(row["rank_learnable"][0]) == 1 + 8 for row in steps)
+    assert steps[0]["sample_keys"] and steps[0]["shapes"]["audio_inputs"][1] == 8
+    assert steps[0]["stream"]["planned_samples"] > 0
+    assert any("eval_step" in row and row["eval_step"] == 2 for row in rows), "evaluation at the last step"
+    assert (out / "checkpoints" / "step00000002" / "COMPLETE").exists(), "a stopped run saves its last step"
 
 
 @pytest.mark.slow

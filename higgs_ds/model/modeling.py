@@ -63,6 +63,9 @@ class HiggsAudioOutput(NamedTuple):
     text_labels: torch.Tensor | None = None  # [n]
     audio_predictions: torch.Tensor | None = None  # [n, K]
     audio_labels: torch.Tensor | None = None  # [n, K]
+    text_positions: torch.Tensor | None = None  # [n] flat positions (row * L + column) the text rows predict from
+    audio_frames: torch.Tensor | None = None  # [n] audio-out frame j (a column of audio_out_ids) predicting j + 1
+    audio_inputs: torch.Tensor | None = None  # [n, K] the input codes at frame j (copy detection compares them)
 
 
 @dataclass
@@ -274,8 +277,11 @@ class HiggsAudioForTraining(nn.Module):
         if return_predictions:
             text_rows = _spread(targets.text.numel(), num_logged, hidden.device)
             audio_rows = _spread(targets.audio.shape[0], num_logged, hidden.device)
+            frames = index.audio_target_frames[audio_rows]
             logged = dict(text_predictions=text.predictions[text_rows, 0], text_labels=targets.text[text_rows],
-                          audio_predictions=audio.predictions[audio_rows], audio_labels=targets.audio[audio_rows])
+                          audio_predictions=audio.predictions[audio_rows], audio_labels=targets.audio[audio_rows],
+                          text_positions=index.text_target_positions[text_rows], audio_frames=frames,
+                          audio_inputs=audio_out_ids[:, frames].T)
         return HiggsAudioOutput(
             loss=loss, text_loss_sum=text_sum.detach(), text_tokens=text_tokens,
             audio_loss_sum=audio.loss_sum.detach(), audio_tokens=audio.count,

@@ -84,6 +84,7 @@ class TrainSection:
     resume: str = "none"  # none | auto (newest complete checkpoint in out_dir, if any) | a checkpoint directory
     seed: int = 0
     trace_samples: bool = False  # every rank writes OUT/trace/rank{r}.jsonl: the sample keys of each micro-batch
+    hooks: list[str] = field(default_factory=list)  # "module:Class" StepHooks built on rank 0 with the RunConfig
 
 
 @dataclass
@@ -197,7 +198,7 @@ def fingerprint(config: RunConfig) -> str:
     import hashlib
 
     d = config.to_dict()
-    for key in ("resume", "max_steps", "epochs", "log_every", "eval_every", "save_every",
+    for key in ("resume", "max_steps", "epochs", "log_every", "hooks", "trace_samples", "eval_every", "save_every",
                 "keep_last", "out_dir", "deepspeed"):
         d["train"].pop(key)
     d["data"].pop("num_workers")

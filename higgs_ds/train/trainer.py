@@ -355,8 +355,11 @@ class Trainer:
                     trace.flush()
                 if want:
                     predictions = {key: getattr(result, key).cpu() for key in
-                                   ("text_predictions", "text_labels", "audio_predictions", "audio_labels")}
-                    predictions["sample_keys"] = list(batch.sample_keys)
+                                   ("text_predictions", "text_labels", "text_positions", "audio_predictions",
+                                    "audio_labels", "audio_frames", "audio_inputs")}
+                    # Which sample each logged row belongs to, and the batch's inputs to decode them.
+                    predictions.update(sample_keys=list(batch.sample_keys), input_ids=batch.input_ids,
+                                       segment_ids=batch.segment_ids, audio_out_mask=batch.audio_out_mask)
             sums = self._all_reduce(sums)
             self.step += 1
             metrics = self._metrics(sums, k, time.perf_counter() - started, data_time)
@@ -425,15 +428,31 @@ class Trainer:
         return metrics
 
 
+def load_hook(spec: str):
+    """The StepHook class named "package.module:Class" (train.hooks)."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise RunConfigError(f"train.hooks: {spec!r} is not an importable module:Class ({exc})") from None
+
+
 def run(config: RunConfig, dry: bool = False, hooks: list[StepHook] = ()) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     setup = preflight(config, world_size)  # before any process group: bad configs stop every rank here
+    for spec in config.train.hooks:
+        load_hook(spec)
     if dry:
         print(json.dumps(dry_run(setup), indent=1, default=str))
         return 0
     import deepspeed
+    import torch.distributed as dist
 
     deepspeed.init_distributed()
+    if dist.get_rank() == 0:
+        hooks = [*hooks, *(load_hook(spec)(config) for spec in config.train.hooks)]
     trainer = Trainer(setup, hooks)
     out = Path(config.train.out_dir)
     if trainer.rank == 0:
