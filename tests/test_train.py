@@ -560,3 +560,41 @@ def test_slurm_template_runs_torchrun_per_node_in_a_fake_slurm_job(good, tmp_pat
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count('"micro_batches_per_epoch_per_rank"') == 2, "one dry run per torchrun rank"
     assert result.stdout.count('"steps": 5') == 2
+
+
+def test_optimizer_choice_per_config_and_device(monkeypatch):
+    """DeepSpeed's CPU Adam when the optimizer is offloaded, FusedAdam on CUDA, torch AdamW on the CPU, SGD for
+    tests; the GPU/offload classes are stood in (building them needs their compiled ops)."""
+    from deepspeed.ops import adam
+
+    from higgs_ds.train.components import make_optimizer
+    from higgs_ds.train.config import OptimSection
+
+    made = []
+    for name in ("DeepSpeedCPUAdam", "FusedAdam"):
+        monkeypatch.setattr(adam, name, type(name, (), {"__init__": lambda self, *a, _n=name, **k: made.append(_n)}))
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2))], "weight_decay": 0.0}]
+    offload = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    plain = {"zero_optimization": {"stage": 3}}
+    make_optimizer(groups, OptimSection(), offload, "cuda")
+    make_optimizer(groups, OptimSection(), plain, "cuda")
+    assert made == ["DeepSpeedCPUAdam", "FusedAdam"]
+    optimizer, extra = make_optimizer(groups, OptimSection(beta2=0.99), plain, "cpu")
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["betas"] == (0.9, 0.99)
+    assert extra == {"zero_allow_untested_optimizer": True}
+    optimizer, _ = make_optimizer(groups, OptimSection(name="sgd"), plain, "cpu")
+    assert isinstance(optimizer, torch.optim.SGD)
+
+
+@pytest.mark.parametrize("ds_file", sorted(p.name for p in (ROOT / "ds_configs").glob("*.json")))
+def test_every_shipped_deepspeed_config_passes_the_dry_run(good, tmp_path, capsys, ds_file):
+    config = write_yaml(tmp_path / "run.yaml", **good)
+    precision = "fp32" if "fp32" in ds_file else "bf16"
+    assert train_main(["--config", str(config), "--dry-run", f"train.deepspeed={ROOT / 'ds_configs' / ds_file}",
+                       f"train.precision={precision}"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index("{\n"):])
+    estimate = report["zero3_memory_estimate_per_gpu"]
+    assert estimate["offload_optimizer"] == ("offload" in ds_file)
+    assert estimate["offload_param"] == ("offload_all" in ds_file)
+    assert report["deepspeed"]["train_micro_batch_size_per_gpu"] == 1

@@ -50,3 +50,22 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(groups: list[dict], optim, ds: dict, device_type: str) -> tuple[torch.optim.Optimizer, dict]:
+    """The optimizer for the run, and DeepSpeed JSON additions it needs. SGD (tests); AdamW as DeepSpeed's CPU Adam
+    when the optimizer is offloaded, DeepSpeed's FusedAdam on CUDA, else torch's AdamW (this CPU machine)."""
+    from deepspeed.ops import adam
+
+    extra = {}
+    betas = (optim.beta1, optim.beta2)
+    if optim.name == "sgd":
+        optimizer, extra["zero_allow_untested_optimizer"] = torch.optim.SGD(groups, lr=optim.lr), True
+    elif ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none":
+        optimizer = adam.DeepSpeedCPUAdam(groups, lr=optim.lr, betas=betas, eps=optim.eps)
+    elif device_type == "cuda":
+        optimizer = adam.FusedAdam(groups, lr=optim.lr, betas=betas, eps=optim.eps)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps)
+        extra["zero_allow_untested_optimizer"] = True
+    return optimizer, extra

@@ -29,7 +29,7 @@ from ..data.stream import ShardLoader
 from ..data.tokens import SpecialTokens
 from ..model import HiggsAudioForTraining, LossConfig, LossNorm, learnable_counts, loss_means, read_model_config
 from . import checkpointing
-from .components import apply_freeze, param_groups, trainable_names, warmup_cosine
+from .components import apply_freeze, make_optimizer, param_groups, trainable_names, warmup_cosine
 from .config import RunConfig, RunConfigError, deepspeed_config, fingerprint
 from .weights import load_pretrained, weight_plan
 
@@ -193,25 +193,14 @@ class Trainer:
                             if self.resume_from is not None else self.world)
         if self.saved_world != self.world:  # DeepSpeed's universal checkpoint re-partitions model and optimizer
             ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
-        if o.name == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=o.lr)
-            ds["zero_allow_untested_optimizer"] = True
-        elif ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none":
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-        elif self.device.type == "cuda":
-            from deepspeed.ops.adam import FusedAdam
-
-            optimizer = FusedAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-            ds["zero_allow_untested_optimizer"] = True
+        optimizer, extra = make_optimizer(groups, o, ds, self.device.type)
+        ds.update(extra)
         self.lr_factor = lambda step: warmup_cosine(step, o.warmup_steps, self.total_steps, o.min_lr_ratio)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds)
         self.step = 0
+        self._step_seconds: list[float] = []  # this process's step times (ETA)
         self.fingerprint = fingerprint(self.config)
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -399,12 +388,18 @@ class Trainer:
                         "tokens/text_learnable": float(text_tokens), "tokens/audio_learnable": float(audio_tokens.sum()),
                         "throughput/tps": float(tokens) / seconds, "throughput/samples_per_s": float(samples) / seconds,
                         "time/step_s": seconds, "time/data_wait_share": data_seconds / seconds})
+        # ETA from the mean step time of this process's steps so far (the first includes warm-up).
+        self._step_seconds.append(seconds)
+        mean = sum(self._step_seconds) / len(self._step_seconds)
+        metrics["time/eta_s"] = mean * max(0, self.total_steps - self.step)
         return metrics
 
     def _line(self, m: dict[str, float]) -> str:
+        eta = int(m["time/eta_s"])
         return (f"step {self.step}/{self.total_steps} loss {m['loss/total']:.4f} text {m['loss/text']:.4f} "
                 f"audio {m['loss/audio']:.4f} lr {m['lr']:.3g} grad_norm {m['grad_norm']:.3f} "
-                f"tok/s {m['throughput/tps']:.0f} data {m['time/data_wait_share']:.0%}")
+                f"tok/s {m['throughput/tps']:.0f} data {m['time/data_wait_share']:.0%} "
+                f"eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
