@@ -1,7 +1,7 @@
 """Training under DeepSpeed ZeRO-3: per-rank model-state memory (computed and measured), our engine's tokens/s against
 the loop a user would write around transformers' HiggsAudioV2ForConditionalGeneration, and the data-wait share.
 
-    .venv/bin/python benchmarks/bench_train.py [--steps 4 --warmup 2 --max-tokens 1024] [--skip-memory]
+    .venv/bin/python benchmarks/bench_train.py [--warmup 1 --steps 3 --max-tokens 1024,3072] [--skip-memory]
                                                [--skip-throughput] [--no-bucket-variant] [--keep DIR]
 
 (a) memory. (i) Computed at the release's widths (hidden 3072, 28 layers, intermediate 8192, 24 / 8 KV heads, text
@@ -12,13 +12,16 @@ the loop a user would write around transformers' HiggsAudioV2ForConditionalGener
     process, in a worker mode of this script that records VmRSS/VmHWM) on a model with the real vocabularies and
     hidden 1024, 2 layers (0.34 B parameters), ds_configs/cpu_zero3_fp32.json; the worker also sums the bytes of
     the ZeRO-3 partitions it finds in the engine (parameters, AdamW moments, gradient partition, reduce bucket).
-    With --bucket-variant (default) the same two launches again with reduce_bucket_size 5e7 (see the notes).
+    Then the same two launches with reduce_bucket_size 5e7 (DeepSpeed's default is 5e8 elements, more than this
+    model: the whole unpartitioned gradient then waits in the bucket on every rank); --no-bucket-variant skips it.
 (b) tokens/s with 2 ranks: our engine (higgs_ds.train.main under deepspeed, throughput/tps from OUT/metrics.jsonl)
     against a minimal DeepSpeed loop on transformers' HiggsAudioV2ForConditionalGeneration(use_text_head=True)
     with its own loss, same DeepSpeed JSON (deepspeed_config of the same run YAML), same AdamW, same shards and
     the same batches (the same ShardLoader plan, converted with higgs_ds.model.port.port_inputs). Hidden 512,
     4 layers, real heads (128256 / 8 x 1026) as bench_step. Padded layout (one sample per row: the port cannot
-    isolate packed samples). `--warmup` steps, then `--steps` timed steps; one thread per rank.
+    isolate packed samples), at each --max-tokens budget. `--warmup` steps, then `--steps` timed steps; one thread
+    per rank. The port is built whole and partitioned by deepspeed.initialize (under deepspeed.zero.Init its
+    post_init fails on the partitioned embedding); its weights are its own random init, ours our init_seed's.
 (c) the data-wait share of our step time (time/data_wait_share in OUT/metrics.jsonl).
 
 Each launch has its own process group; the final checkpoint is skipped in the worker (Trainer.save patched out:
@@ -95,11 +98,12 @@ def computed_memory() -> dict:
                                                estimate_zero3_model_states_mem_needs_all_cold)
 
     total, largest = count_parameters(RELEASE)
-    # fp32 ZeRO-3 + AdamW as DeepSpeed 0.19.8 lays it out on one device: the fp32 parameter partition (4 B; the
-    # "fp32 master" is that same tensor when the model is fp32, stage3.py), AdamW's two moments (8 B) and the fp32
-    # gradient partition (4 B): 16 B / param / N. With bf16 compute a separate fp32 master is added: 2 + 4 + 8 + 4
-    # = 18 B (DeepSpeed's estimator uses 18) and 20 B for fp32 compute with a separate master copy.
-    per_rank = {n: 16 * total / n for n in (1, 2, 8)}
+    # fp32 ZeRO-3 + AdamW as DeepSpeed 0.19.8 lays it out here: the fp32 parameter partition (4 B), a separate fp32
+    # master copy of it (4 B; stage3.py shares the two only when `partition.device == self.device`, a torch.device
+    # compared with the accelerator's device *name* string, which is False: the worker below finds the copy),
+    # AdamW's two moments (8 B) and the fp32 gradient partition (4 B): 20 B / param / N (16 B without the copy).
+    # DeepSpeed's estimator uses 18 B (bf16 partition 2 + fp32 master 4 + moments 8 + fp32 grads 4).
+    per_rank = {n: 20 * total / n for n in (1, 2, 8)}
     with contextlib.redirect_stdout(io.StringIO()) as table:
         estimate_zero3_model_states_mem_needs_all_cold(total, largest, num_gpus_per_node=8)
     estimates = {}
@@ -116,7 +120,8 @@ def print_computed(c: dict) -> None:
     total, largest = c["total"], c["largest"]
     print(f"(a)(i) release widths: {total / 1e9:.3f} B parameters, largest module {largest / 1e6:.1f} M "
           "(text head / embedding)")
-    print("  fp32 ZeRO-3 + AdamW, 16 B/param/N (fp32 param partition 4 + AdamW moments 8 + fp32 grad partition 4):")
+    print("  fp32 ZeRO-3 + AdamW, 20 B/param/N (fp32 param partition 4 + its fp32 master copy 4 + AdamW moments 8 + "
+          "fp32 grad partition 4):")
     for n, value in c["per_rank"].items():
         print(f"    N={n}: {value / GIB:7.1f} GiB per rank   ratio to N=1: {value / c['per_rank'][1]:.3f}")
     print("  + per rank, not partitioned: the largest module gathered (4 B x largest = "
@@ -188,7 +193,8 @@ def write_run(root: Path, name: str, model: str, max_tokens: int, steps: int, ds
 
 def launch(ranks: int, worker: str, config: Path, out: Path, timeout: int) -> tuple[float, str]:
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // ranks))}
-    command = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(29700 + os.getpid() % 200),
+    port = 29700 + os.getpid() % 200
+    command = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(port),
                str(Path(__file__).resolve()), "--worker", worker, "--worker-out", str(out), "--config", str(config)]
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -198,11 +204,22 @@ def launch(ranks: int, worker: str, config: Path, out: Path, timeout: int) -> tu
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output = process.communicate()[0]
-        raise RuntimeError(f"{worker} launch on {ranks} rank(s) timed out after {timeout} s:\n{output[-4000:]}")
+        raise LaunchFailed(f"{worker} launch on {ranks} rank(s) timed out after {timeout} s", output)
+    finally:
+        for leaked in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            leaked.unlink(missing_ok=True)  # DeepSpeed 0.19.8's CPU shm all-reduce never unlinks its buffers
     seconds = time.perf_counter() - started
     if process.returncode != 0:
-        raise RuntimeError(f"{worker} launch on {ranks} rank(s) failed ({process.returncode}):\n{output[-6000:]}")
+        killed = "return code = -9" in output
+        raise LaunchFailed(f"{worker} launch on {ranks} rank(s) failed ({process.returncode}"
+                           + (": a rank was SIGKILLed, out of memory?" if killed else "") + ")", output, killed)
     return seconds, output
+
+
+class LaunchFailed(RuntimeError):
+    def __init__(self, message: str, output: str, killed: bool = False):
+        super().__init__(f"{message}\n{output[-6000:]}")
+        self.message, self.output, self.killed = message, output, killed
 
 
 def rank_reports(out: Path, ranks: int) -> list[dict]:
@@ -232,7 +249,6 @@ def zero3_state_bytes(engine, optimizer) -> dict[str, int]:
 
 def worker_train(args, rest: list[str]) -> int:
     """What launch/train.py runs (higgs_ds.train.main), in process, with RSS recorded."""
-    after_imports = status("VmRSS")
     import torch.distributed as dist
 
     from higgs_ds.train import main, trainer
@@ -253,13 +269,23 @@ def worker_train(args, rest: list[str]) -> int:
         return result
 
     trainer.Trainer.__init__, trainer.Trainer.train = init, train
+    # Which phase of a step raises the peak: VmRSS / VmHWM after each engine forward, backward and step.
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    phases = seen.setdefault("phases", [])
+    for phase in ("forward", "backward", "step"):
+        def wrapped(self, *a, _phase=phase, _original=getattr(DeepSpeedEngine, phase), **k):
+            result = _original(self, *a, **k)
+            phases.append([_phase, status("VmRSS"), status("VmHWM")])
+            return result
+        setattr(DeepSpeedEngine, phase, wrapped)
     trainer.Trainer.save = lambda self: None  # not measured; its rank-0 full-model gather would add to the peak
     code = main(["--config", str(args.config)] + [a for a in rest if not a.startswith("--local_rank")])
     rank = dist.get_rank() if dist.is_initialized() else 0
     import torch
 
     report = {"rank": rank, "world": int(os.environ.get("WORLD_SIZE", 1)), "threads": torch.get_num_threads(),
-              "rss_after_imports": after_imports, **{k: v for k, v in seen.items() if k != "trainer"},
+              **{k: v for k, v in seen.items() if k != "trainer"},
               "peak_rss": status("VmHWM"), "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     (Path(args.worker_out) / f"bench.rank{rank}.json").write_text(json.dumps(report, indent=1))
     return code
@@ -323,114 +349,129 @@ def worker_port(args, rest: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------------- (a)(ii)
 
 def measured_memory(root: Path, args, variants: list[tuple[str, Path]]) -> list[dict]:
+    """Every variant on 1 rank, then on 2 ranks (the largest, the default, last); a launch that fails (e.g. a rank
+    killed for memory) is reported, not fatal."""
     rows = []
-    for label, ds in variants:
-        for ranks in (1, 2):
-            name = f"memory_{label}_{ranks}"
-            config = write_run(root, name, "memory_model", args.memory_max_tokens, args.memory_steps, ds)
-            seconds, output = launch(ranks, "train", config, root / name, args.timeout)
-            reports = rank_reports(root / name, ranks)
-            metrics = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
-            rows.append({"label": label, "ranks": ranks, "seconds": seconds, "reports": reports,
-                         "metrics": metrics})
-            peak = max(r["peak_rss"] for r in reports)
-            print(f"  {label:14s} {ranks} rank(s): peak RSS per rank "
-                  + ", ".join(f"{r['peak_rss'] / GIB:.2f}" for r in reports)
-                  + f" GiB (launch {seconds:.0f} s, {len(metrics)} steps)", flush=True)
-            assert peak > 0
+    for (label, ds), ranks in [(v, 1) for v in variants] + [(v, 2) for v in reversed(variants)]:
+        name = f"memory_{label.replace(' ', '_')}_{ranks}"
+        config = write_run(root, name, "memory_model", args.memory_max_tokens, args.memory_steps, ds)
+        free = available_memory()
+        try:
+            seconds, _ = launch(ranks, "train", config, root / name, args.timeout)
+        except LaunchFailed as exc:
+            rows.append({"label": label, "ranks": ranks, "failed": exc.message, "available_before": free})
+            print(f"  {label:10s} {ranks} rank(s): FAILED: {exc.message} (MemAvailable before the launch "
+                  f"{free / GIB:.1f} GiB)", flush=True)
+            tail = [line for line in exc.output.splitlines() if "step " in line or "Error" in line][-3:]
+            print("    " + "\n    ".join(tail), flush=True)
+            continue
+        reports = rank_reports(root / name, ranks)
+        metrics = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+        rows.append({"label": label, "ranks": ranks, "seconds": seconds, "reports": reports,
+                     "metrics": metrics, "available_before": free})
+        print(f"  {label:10s} {ranks} rank(s): peak RSS per rank "
+              + ", ".join(f"{r['peak_rss'] / GIB:.2f}" for r in reports)
+              + f" GiB (launch {seconds:.0f} s, {len(metrics)} steps, MemAvailable before {free / GIB:.1f} GiB)",
+              flush=True)
     return rows
+
+
+def available_memory() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def held(report: dict) -> int:
+    """Model-state bytes found in the engine: parameter partition, fp32 master copy, AdamW moments, grad partition."""
+    s = report["state"]
+    return s["param_partition"] + s["separate_fp32_master"] + s["adam_moments"] + s["grad_partition"]
 
 
 def print_measured(rows: list[dict], total: int) -> dict:
     print(f"(a)(ii) measured: hidden 1024, 2 layers, real vocabularies, {total / 1e9:.3f} B parameters, fp32 "
-          "ZeRO-3 + AdamW, 16 B/param = "
-          f"{16 * total / GIB:.2f} GiB of model states at N=1")
-    header = ("variant", "ranks", "rank", "after imports", "process group", "before steps", "peak RSS",
-              "params+moments+grads (tensors)", "reduce bucket (alloc.)")
-    print("  " + " | ".join(header))
-    ratios = {}
+          f"ZeRO-3 + AdamW, 20 B/param = {20 * total / GIB:.2f} GiB of model states at N=1")
+    print("  variant | ranks | rank | runtime (imports + process group) | RSS before step 1 | peak RSS | peak after "
+          "step 1 forward / backward / optimizer step | model-state tensors found | reduce bucket (allocated)")
     for row in rows:
+        if "failed" in row:
+            print(f"  {row['label']} | {row['ranks']} | - | {row['failed']}")
+            continue
         for r in row["reports"]:
-            s = r["state"]
-            held = s["param_partition"] + s["separate_fp32_master"] + s["adam_moments"] + s["grad_partition"]
-            print(f"  {row['label']} | {row['ranks']} | {r['rank']} | {r['rss_after_imports'] / MIB:.0f} MiB | "
-                  f"{r['rss_process_group'] / MIB:.0f} MiB | {r['rss_before_steps'] / GIB:.2f} GiB | "
-                  f"{r['peak_rss'] / GIB:.2f} GiB | {held / GIB:.2f} GiB | "
-                  f"{s['reduce_bucket_allocated'] / GIB:.2f} GiB")
+            phases = r["phases"][:3]
+            print(f"  {row['label']} | {row['ranks']} | {r['rank']} | {r['rss_process_group'] / MIB:.0f} MiB | "
+                  f"{r['rss_before_steps'] / GIB:.2f} GiB | {r['peak_rss'] / GIB:.2f} GiB | "
+                  + " / ".join(f"{p[2] / GIB:.2f}" for p in phases) + f" GiB | {held(r) / GIB:.2f} GiB | "
+                  f"{r['state']['reduce_bucket_allocated'] / GIB:.2f} GiB")
+    ratios = {}
     for label in dict.fromkeys(row["label"] for row in rows):
         one, two = ([row for row in rows if row["label"] == label and row["ranks"] == n][0] for n in (1, 2))
-
-        def states(report):
-            s = report["state"]
-            return s["param_partition"] + s["separate_fp32_master"] + s["adam_moments"] + s["grad_partition"]
-
-        peak = max(r["peak_rss"] for r in two["reports"]) / one["reports"][0]["peak_rss"]
-        before = max(r["rss_before_steps"] for r in two["reports"]) / one["reports"][0]["rss_before_steps"]
-        tensor = max(states(r) for r in two["reports"]) / states(one["reports"][0])
-        ratios[label] = {"peak": peak, "before_steps": before, "tensors": tensor}
+        if "failed" in one or "failed" in two:
+            print(f"  {label}: no ratio (a launch failed)")
+            continue
+        base = one["reports"][0]
+        peak = max(r["peak_rss"] for r in two["reports"]) / base["peak_rss"]
+        before = max(r["rss_before_steps"] for r in two["reports"]) / base["rss_before_steps"]
+        tensor = max(held(r) for r in two["reports"]) / held(base)
+        above = (max(r["peak_rss"] - r["rss_process_group"] for r in two["reports"])
+                 / (base["peak_rss"] - base["rss_process_group"]))
+        ratios[label] = {"peak": peak, "before_steps": before, "tensors": tensor, "peak_above_runtime": above}
         print(f"  {label}: ratio 2 ranks / 1 rank (worst rank): model-state tensors {tensor:.3f} (computed 0.500), "
-              f"RSS before the first step {before:.3f}, peak RSS {peak:.3f}")
+              f"RSS before step 1 {before:.3f}, peak RSS {peak:.3f}, peak RSS minus runtime {above:.3f}")
     return ratios
 
 
 # ---------------------------------------------------------------------------------------------------- (b), (c)
 
-def throughput(root: Path, args) -> dict:
-    steps = args.warmup + args.steps
+def throughput(root: Path, args, max_tokens: int) -> dict:
+    """Our engine, then the port loop: 2 ranks each, the same run YAML (shards, plan, batches, DeepSpeed JSON)."""
     results = {}
     for worker in ("train", "port"):
-        name = f"speed_{worker}"
-        config = write_run(root, name, "speed_model", args.max_tokens, steps, CPU_DS)
-        seconds, output = launch(2, worker, config, root / name, args.timeout)
+        name = f"speed_{max_tokens}_{worker}"
+        config = write_run(root, name, "speed_model", max_tokens, args.warmup + args.steps, CPU_DS)
+        seconds, _ = launch(2, worker, config, root / name, args.timeout)
         reports = rank_reports(root / name, 2)
-        if worker == "train":
-            rows = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
-            timed = rows[args.warmup:]
-            tokens = sum(r["throughput/tps"] * r["time/step_s"] for r in timed)
-            seconds_total = sum(r["time/step_s"] for r in timed)
-            compute = sum(r["time/step_s"] * (1 - r["time/data_wait_share"]) for r in timed)
-            results["ours"] = {"tps": tokens / seconds_total, "tps_compute": tokens / compute,
-                               "step_s": statistics.median(r["time/step_s"] for r in timed),
-                               "data_wait_share": [r["time/data_wait_share"] for r in rows],
-                               "timed_share": 1 - compute / seconds_total, "tokens_per_step": tokens / len(timed),
-                               "launch_s": seconds, "loss_first": rows[0]["loss/total"],
-                               "threads": reports[0]["threads"], "peak_rss": [r["peak_rss"] for r in reports],
-                               "steps": len(rows)}
-        else:
-            timed = reports[0]["steps"][args.warmup:]  # rank 0's clock, global tokens (as ours)
-            tokens = sum(s["tokens"] for s in timed)
-            seconds_total = sum(s["step_s"] for s in timed)
-            compute = sum(s["step_s"] - s["data_s"] - s["convert_s"] for s in timed)
-            results["port"] = {"tps": tokens / seconds_total, "tps_compute": tokens / compute,
-                               "step_s": statistics.median(s["step_s"] for s in timed),
-                               "timed_share": 1 - compute / seconds_total,
-                               "convert_s": statistics.median(s["convert_s"] for s in timed),
-                               "tokens_per_step": tokens / len(timed), "launch_s": seconds,
-                               "loss_first": reports[0]["steps"][0]["loss_mean_over_ranks"],
-                               "threads": reports[0]["threads"], "peak_rss": [r["peak_rss"] for r in reports],
-                               "steps": len(reports[0]["steps"])}
-        print(f"  {worker}: launch {seconds:.0f} s", flush=True)
+        if worker == "train":  # rank 0's metrics: all-reduced tokens over rank 0's step clock
+            steps = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+            steps = [{"step_s": r["time/step_s"], "tokens": r["throughput/tps"] * r["time/step_s"],
+                      "wait_s": r["time/step_s"] * r["time/data_wait_share"], "loss": r["loss/total"]}
+                     for r in steps]
+        else:  # rank 0's clock, all-reduced tokens (as ours); the wait is data fetch + port_inputs conversion
+            steps = [{"step_s": r["step_s"], "tokens": r["tokens"], "wait_s": r["data_s"] + r["convert_s"],
+                      "convert_s": r["convert_s"], "loss": r["loss_mean_over_ranks"]} for r in reports[0]["steps"]]
+        timed = steps[args.warmup:]
+        tokens, total = sum(r["tokens"] for r in timed), sum(r["step_s"] for r in timed)
+        waited = sum(r["wait_s"] for r in timed)
+        results["ours" if worker == "train" else "port"] = {
+            "tps": tokens / total, "tps_compute": tokens / (total - waited), "wait_share": waited / total,
+            "step_s": statistics.median(r["step_s"] for r in timed), "tokens_per_step": tokens / len(timed),
+            "steps": steps, "launch_s": seconds, "threads": reports[0]["threads"],
+            "peak_rss": [r["peak_rss"] for r in reports],
+            "convert_s": statistics.median(r.get("convert_s", 0.0) for r in timed)}
+        print(f"  {worker} ({max_tokens} positions per rank): launch {seconds:.0f} s", flush=True)
     ours, port = results["ours"], results["port"]
-    assert abs(ours["tokens_per_step"] - port["tokens_per_step"]) < 1e-6 * ours["tokens_per_step"], \
+    assert [round(r["tokens"]) for r in ours["steps"]] == [round(r["tokens"]) for r in port["steps"]], \
         "the two runs must see the same batches"
     return results
 
 
-def print_throughput(results: dict, args) -> None:
+def print_throughput(results: dict, max_tokens: int, args) -> None:
     ours, port = results["ours"], results["port"]
     print(f"(b) 2 ranks x {ours['threads']} thread(s), hidden 512, 4 layers, real heads, padded batches of <= "
-          f"{args.max_tokens} positions, {args.warmup} warm-up + {args.steps} timed steps, "
-          f"{ours['tokens_per_step']:.0f} real tokens per step (both ranks)")
+          f"{max_tokens} positions per rank, {args.warmup} warm-up + {args.steps} timed steps, "
+          f"{ours['tokens_per_step']:.0f} real tokens per step (both ranks; the same batches in both runs)")
     for name, r in (("ours", ours), ("port", port)):
-        print(f"  {name}: median step {r['step_s']:.2f} s, {r['tps']:.0f} tokens/s (data wait + conversion "
-              f"{r['timed_share']:.1%} of step time; without it {r['tps_compute']:.0f} tokens/s), first loss "
-              f"{r['loss_first']:.3f}, peak RSS per rank "
+        print(f"  {name}: median step {r['step_s']:.2f} s, {r['tps']:.0f} tokens/s (data wait"
+              + (" + port_inputs" if name == "port" else "") + f" {r['wait_share']:.1%} of step time; without it "
+              f"{r['tps_compute']:.0f} tokens/s), loss step 1 {r['steps'][0]['loss']:.3f} -> step "
+              f"{len(r['steps'])} {r['steps'][-1]['loss']:.3f}, peak RSS per rank "
               + ", ".join(f"{v / GIB:.2f}" for v in r["peak_rss"]) + " GiB")
-    print(f"  speed-up ours / port: {ours['tps'] / port['tps']:.2f}x (step time incl. data), "
-          f"{ours['tps_compute'] / port['tps_compute']:.2f}x (compute only); port_inputs conversion "
+    print(f"  speed-up ours / port: {ours['tps'] / port['tps']:.2f}x (whole step), "
+          f"{ours['tps_compute'] / port['tps_compute']:.2f}x (without data wait); port_inputs "
           f"{port['convert_s'] * 1000:.0f} ms per step")
-    share = ours["data_wait_share"]
-    print(f"(c) data-wait share of our step time: step 1 {share[0]:.1%}, later steps median "
+    share = [r["wait_s"] / r["step_s"] for r in ours["steps"]]
+    print(f"(c) data-wait share of our step time: step 1 {share[0]:.2%}, steps 2-{len(share)} median "
           f"{statistics.median(share[1:]):.2%} (max {max(share[1:]):.2%})")
 
 
@@ -438,9 +479,9 @@ def print_throughput(results: dict, args) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4, help="timed steps of (b)")
-    parser.add_argument("--warmup", type=int, default=2, help="warm-up steps of (b)")
-    parser.add_argument("--max-tokens", type=int, default=1024, help="batch budget of (b) per rank")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps of (b)")
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up steps of (b)")
+    parser.add_argument("--max-tokens", default="1024,3072", help="batch budgets of (b), positions per rank")
     parser.add_argument("--memory-steps", type=int, default=3)
     parser.add_argument("--memory-max-tokens", type=int, default=1024)
     parser.add_argument("--samples", type=int, default=256)
@@ -481,7 +522,8 @@ def main() -> int:
             rows = measured_memory(root, args, variants)
             print_measured(rows, count_parameters(MEMORY_MODEL)[0])
         if not args.skip_throughput:
-            print_throughput(throughput(root, args), args)
+            for max_tokens in (int(v) for v in args.max_tokens.split(",")):
+                print_throughput(throughput(root, args, max_tokens), max_tokens, args)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
