@@ -185,6 +185,7 @@ def step_upstream(export: Path, npz_path: Path) -> int:
     import torch
     import transformers
     from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
+    from make_model_goldens import upstream_inputs  # beside this script
 
     torch.manual_seed(0)
     npz = np.load(npz_path)
@@ -216,13 +217,8 @@ def step_upstream(export: Path, npz_path: Path) -> int:
         ours = {k[len(f"b{b}_batch_"):]: torch.from_numpy(npz[k]) for k in npz.files
                 if k.startswith(f"b{b}_batch_")}
         collated = collator([upstream_sample(npz, b, j) for j in range(rows)])
-        inputs = dict(  # exactly the inputs reference/make_model_goldens.py gives upstream's forward
-            input_ids=collated.input_ids, attention_mask=collated.attention_mask, label_ids=collated.label_ids,
-            audio_in_ids=collated.audio_in_ids, audio_in_ids_start=collated.audio_in_ids_start,
-            audio_out_ids=collated.audio_out_ids, audio_out_ids_start=collated.audio_out_ids_start,
-            label_audio_ids=collated.label_audio_ids)
-        with torch.no_grad():
-            out = model(**inputs)
+        with torch.no_grad():  # exactly the inputs reference/make_model_goldens.py gives upstream's forward
+            out = model(**upstream_inputs(collated))
 
         # Same expanded sequence? Real positions in row-major order on both sides (either padding side).
         real, up_real = ours["attention_mask"], out.attention_mask.bool()

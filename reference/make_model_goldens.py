@@ -104,6 +104,14 @@ def to_numpy(value):
     return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
 
 
+
+def upstream_inputs(collated) -> dict:
+    """What upstream's HiggsAudioModel.forward takes from its collator's batch (also reference/check_boson_export.py)."""
+    return dict(input_ids=collated.input_ids, attention_mask=collated.attention_mask, label_ids=collated.label_ids,
+                audio_in_ids=collated.audio_in_ids, audio_in_ids_start=collated.audio_in_ids_start,
+                audio_out_ids=collated.audio_out_ids, audio_out_ids_start=collated.audio_out_ids_start,
+                label_audio_ids=collated.label_audio_ids)
+
 def main() -> None:
     tok = AutoTokenizer.from_pretrained(str(ROOT / "tests" / "assets" / "tiny_tokenizer"))
     generator = torch.Generator().manual_seed(20251125)
@@ -121,13 +129,8 @@ def main() -> None:
     arrays, batch_notes = {}, []
     for index, chats in enumerate(CHATS):
         collated = collator([make_sample(chat, tok, generator) for chat in chats])
-        upstream_inputs = dict(
-            input_ids=collated.input_ids, attention_mask=collated.attention_mask, label_ids=collated.label_ids,
-            audio_in_ids=collated.audio_in_ids, audio_in_ids_start=collated.audio_in_ids_start,
-            audio_out_ids=collated.audio_out_ids, audio_out_ids_start=collated.audio_out_ids_start,
-            label_audio_ids=collated.label_audio_ids)
         with torch.no_grad():
-            out = model(**upstream_inputs)
+            out = model(**upstream_inputs(collated))
         real = out.attention_mask.bool()
         # The equivalent Batch: one sample per row, so segment = 1 on real positions; positions restart per row.
         batch = dict(
