@@ -1,7 +1,7 @@
 """Training under DeepSpeed ZeRO-3: per-rank model-state memory (computed and measured), our engine's tokens/s against
 the loop a user would write around transformers' HiggsAudioV2ForConditionalGeneration, and the data-wait share.
 
-    .venv/bin/python benchmarks/bench_train.py [--warmup 1 --steps 3 --max-tokens 1024,3072] [--skip-memory]
+    .venv/bin/python benchmarks/bench_train.py [--warmup 1 --steps 3 --max-tokens 1024,2048] [--skip-memory]
                                                [--skip-throughput] [--no-bucket-variant] [--keep DIR]
 
 (a) memory. (i) Computed at the release's widths (hidden 3072, 28 layers, intermediate 8192, 24 / 8 KV heads, text
@@ -353,22 +353,29 @@ def measured_memory(root: Path, args, variants: list[tuple[str, Path]]) -> list[
     killed for memory) is reported, not fatal."""
     rows = []
     for (label, ds), ranks in [(v, 1) for v in variants] + [(v, 2) for v in reversed(variants)]:
-        name = f"memory_{label.replace(' ', '_')}_{ranks}"
-        config = write_run(root, name, "memory_model", args.memory_max_tokens, args.memory_steps, ds)
-        free = available_memory()
-        try:
-            seconds, _ = launch(ranks, "train", config, root / name, args.timeout)
-        except LaunchFailed as exc:
-            rows.append({"label": label, "ranks": ranks, "failed": exc.message, "available_before": free})
-            print(f"  {label:10s} {ranks} rank(s): FAILED: {exc.message} (MemAvailable before the launch "
-                  f"{free / GIB:.1f} GiB)", flush=True)
-            tail = [line for line in exc.output.splitlines() if "step " in line or "Error" in line][-3:]
-            print("    " + "\n    ".join(tail), flush=True)
+        failed = None
+        for steps in (args.memory_steps, 1):  # killed (out of memory?): once more for step 1 alone
+            name = f"memory_{label.replace(' ', '_')}_{ranks}_{steps}"
+            config = write_run(root, name, "memory_model", args.memory_max_tokens, steps, ds)
+            free = available_memory()
+            try:
+                seconds, _ = launch(ranks, "train", config, root / name, args.timeout)
+                break
+            except LaunchFailed as exc:
+                print(f"  {label:10s} {ranks} rank(s), {steps} step(s): FAILED: {exc.message} (MemAvailable before "
+                      f"the launch {free / GIB:.1f} GiB)", flush=True)
+                tail = [line for line in exc.output.splitlines() if "step " in line or "Error" in line][-3:]
+                print("    " + "\n    ".join(tail), flush=True)
+                failed = f"{steps} steps: {exc.message}"
+                if not exc.killed or steps == 1:
+                    break
+        if not (root / name / "bench.rank0.json").exists():
+            rows.append({"label": label, "ranks": ranks, "failed": failed, "available_before": free})
             continue
         reports = rank_reports(root / name, ranks)
         metrics = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
-        rows.append({"label": label, "ranks": ranks, "seconds": seconds, "reports": reports,
-                     "metrics": metrics, "available_before": free})
+        rows.append({"label": label, "ranks": ranks, "seconds": seconds, "reports": reports, "steps": steps,
+                     "metrics": metrics, "available_before": free, "earlier_failure": failed})
         print(f"  {label:10s} {ranks} rank(s): peak RSS per rank "
               + ", ".join(f"{r['peak_rss'] / GIB:.2f}" for r in reports)
               + f" GiB (launch {seconds:.0f} s, {len(metrics)} steps, MemAvailable before {free / GIB:.1f} GiB)",
@@ -398,6 +405,8 @@ def print_measured(rows: list[dict], total: int) -> dict:
         if "failed" in row:
             print(f"  {row['label']} | {row['ranks']} | - | {row['failed']}")
             continue
+        if row.get("earlier_failure"):
+            print(f"  {row['label']} | {row['ranks']} | - | {row['earlier_failure']}; ran {row['steps']} step(s):")
         for r in row["reports"]:
             phases = r["phases"][:3]
             print(f"  {row['label']} | {row['ranks']} | {r['rank']} | {r['rss_process_group'] / MIB:.0f} MiB | "
@@ -411,14 +420,19 @@ def print_measured(rows: list[dict], total: int) -> dict:
             print(f"  {label}: no ratio (a launch failed)")
             continue
         base = one["reports"][0]
-        peak = max(r["peak_rss"] for r in two["reports"]) / base["peak_rss"]
         before = max(r["rss_before_steps"] for r in two["reports"]) / base["rss_before_steps"]
         tensor = max(held(r) for r in two["reports"]) / held(base)
-        above = (max(r["peak_rss"] - r["rss_process_group"] for r in two["reports"])
-                 / (base["peak_rss"] - base["rss_process_group"]))
-        ratios[label] = {"peak": peak, "before_steps": before, "tensors": tensor, "peak_above_runtime": above}
-        print(f"  {label}: ratio 2 ranks / 1 rank (worst rank): model-state tensors {tensor:.3f} (computed 0.500), "
-              f"RSS before step 1 {before:.3f}, peak RSS {peak:.3f}, peak RSS minus runtime {above:.3f}")
+        first = max(r["phases"][2][2] for r in two["reports"]) / base["phases"][2][2]  # peak through step 1
+        ratios[label] = {"before_steps": before, "tensors": tensor, "step1_peak": first}
+        text = (f"  {label}: ratio 2 ranks / 1 rank (worst rank): model-state tensors {tensor:.3f} (computed "
+                f"0.500), RSS before step 1 {before:.3f}, peak RSS through step 1 {first:.3f}")
+        if one["steps"] == two["steps"]:
+            ratios[label]["peak"] = max(r["peak_rss"] for r in two["reports"]) / base["peak_rss"]
+            ratios[label]["peak_above_runtime"] = (max(r["peak_rss"] - r["rss_process_group"] for r in two["reports"])
+                                                   / (base["peak_rss"] - base["rss_process_group"]))
+            text += (f", peak RSS over {one['steps']} steps {ratios[label]['peak']:.3f} (minus the runtime "
+                     f"{ratios[label]['peak_above_runtime']:.3f})")
+        print(text)
     return ratios
 
 
@@ -481,7 +495,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="timed steps of (b)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up steps of (b)")
-    parser.add_argument("--max-tokens", default="1024,3072", help="batch budgets of (b), positions per rank")
+    parser.add_argument("--max-tokens", default="1024,2048", help="batch budgets of (b), positions per rank")
     parser.add_argument("--memory-steps", type=int, default=3)
     parser.add_argument("--memory-max-tokens", type=int, default=1024)
     parser.add_argument("--samples", type=int, default=256)
@@ -519,6 +533,9 @@ def main() -> int:
                 ds["zero_optimization"]["reduce_bucket_size"] = int(5e7)
                 (root / "cpu_zero3_fp32_bucket5e7.json").write_text(json.dumps(ds))
                 variants.append(("bucket 5e7", root / "cpu_zero3_fp32_bucket5e7.json"))
+                ds["zero_optimization"]["sub_group_size"] = int(5e7)
+                (root / "cpu_zero3_fp32_small.json").write_text(json.dumps(ds))
+                variants.append(("bucket+subgroup 5e7", root / "cpu_zero3_fp32_small.json"))
             rows = measured_memory(root, args, variants)
             print_measured(rows, count_parameters(MEMORY_MODEL)[0])
         if not args.skip_throughput:

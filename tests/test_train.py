@@ -101,7 +101,8 @@ def consumed(out: Path, steps: range) -> list[str]:
 def reference(corpus, tmp_path_factory):
     """The uninterrupted 2-rank run every resume test compares with."""
     out = tmp_path_factory.mktemp("reference")
-    config = write_yaml(out.parent / f"{out.name}.yaml", **base_config(corpus, out, save_every=2, keep_last=2))
+    config = write_yaml(out.parent / f"{out.name}.yaml", **base_config(corpus, out, save_every=2, keep_last=2,
+                                                                         eval_every=3))
     code, output = launch(config)
     assert code == 0, output[-3000:]
     return config, out, output
@@ -163,6 +164,14 @@ def test_a_crash_during_the_save_leaves_the_previous_checkpoint(corpus, referenc
         assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-6), (step, got, ref)
     tags = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
     assert tags == ["step00000006", "step00000007"], "step 4 was saved again, then pruned with keep_last=2"
+    # TensorBoard: the crashed run had logged steps 3-4 before resuming from step 2; the resumed one purged them.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("loss/total")]
+    assert [step for step, _ in logged] == list(range(1, 8)), "every step once"
+    assert dict(logged) == pytest.approx(ref, rel=1e-6)
 
 
 @pytest.mark.slow
@@ -598,3 +607,64 @@ def test_every_shipped_deepspeed_config_passes_the_dry_run(good, tmp_path, capsy
     assert estimate["offload_optimizer"] == ("offload" in ds_file)
     assert estimate["offload_param"] == ("offload_all" in ds_file)
     assert report["deepspeed"]["train_micro_batch_size_per_gpu"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------- TensorBoard
+
+EXPECTED_LOSSES = Path(__file__).parent / "goldens" / "tiny_run_losses.json"
+
+
+@pytest.mark.slow
+def test_tensorboard_events_hold_every_step_value(reference, corpus, tokens):
+    from higgs_ds.data.shards import Manifest, decode_sample, read_shard, sample_counts
+    from higgs_ds.hooks.compare import read_scalars
+
+    _, out, _ = reference
+    scalars = read_scalars(out)
+    rows = {row["step"]: row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    expected_tags = {"loss/total", "loss/text", "loss/audio", *(f"loss/audio_cb{k}" for k in range(8)), "lr",
+                     "grad_norm", "tokens/text_learnable", "tokens/audio_learnable", "tokens/learnable_share",
+                     "throughput/tps", "throughput/samples_per_s", "time/step_s", "time/data_wait_share",
+                     "memory/peak_rss_gib", "data/seen_samples", "data/corrupt_samples", "data/dropped_samples",
+                     "data/blank_batches", "eval/total", "eval/text", "eval/audio", "eval/audio_cb7"}
+    assert expected_tags <= set(scalars), sorted(expected_tags - set(scalars))
+    for tag in ("loss/total", "loss/audio_cb3", "lr", "tokens/text_learnable"):
+        assert scalars[tag] == pytest.approx({s: rows[s][tag] for s in rows}, rel=1e-6), tag
+    assert sorted(scalars["eval/total"]) == [3, 6, 7], "train.eval_every=3, and at the end"
+    assert 0 < min(scalars["tokens/learnable_share"].values()) <= max(scalars["tokens/learnable_share"].values()) < 1
+    # Learnable tokens over the run = the manifest's per-sample counts of the samples the run consumed.
+    manifest = Manifest.load(corpus / "train")
+    per_key = {}
+    for info in manifest.shards:
+        for raw in read_shard(manifest.shard_path(info)):
+            sample = decode_sample(raw, tokens, AudioSettings())
+            per_key[sample.key] = sample_counts(sample, tokens, AudioSettings())
+    keys = [k for k in consumed(out, range(1, 8)) if k != "<blank>"]
+    for modality in ("text", "audio"):
+        logged = sum(scalars[f"tokens/{modality}_learnable"].values())
+        assert logged == sum(per_key[k][f"learnable_{modality}_tokens"] for k in keys), modality
+
+
+@pytest.mark.slow
+def test_compare_runs_table_plots_and_asserts(reference, tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from higgs_ds.hooks.compare import main as compare_main, read_scalars
+
+    _, out, _ = reference
+    assert compare_main([str(out), str(out), "--plots", str(tmp_path / "plots"), "--assert"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^loss/audio_cb7 +\d+\.\d{4} / \d+\.\d{4} / \d+\.\d{4}", printed, re.M) and "OK: within" in printed
+    for group in ("loss", "codebooks", "eval"):
+        assert (tmp_path / "plots" / f"{group}.png").stat().st_size > 10_000
+    # A run whose loss drifts by 1 % fails the assert mode.
+    drifted = tmp_path / "drifted"
+    writer = SummaryWriter(str(drifted / "tensorboard"))
+    for tag, values in read_scalars(out).items():
+        for step, value in values.items():
+            writer.add_scalar(tag, value * (1.01 if tag == "loss/text" else 1.0), step)
+    writer.close()
+    assert compare_main([str(out), str(drifted), "--assert"]) == 1
+    assert "loss/text step 1: expected" in capsys.readouterr().err
+    # The stored expected losses of this tiny CI config guard regressions.
+    assert compare_main([str(out), "--expected", str(EXPECTED_LOSSES), "--rtol", "1e-3"]) == 0

@@ -321,7 +321,8 @@ class ShardLoader:
             self.position, self._counts = int(state["position"]), Counter(state.get("counts", {}))
         else:
             if all_states is None or len(all_states) != state.get("world_size"):
-                raise ValueError(f"the saved stream ran on {state.get('world_size')} ranks × {state.get('num_workers')}"
+                saved = f"{state.get('world_size')} ranks × {state.get('num_workers')}"
+                raise ValueError(f"the saved stream ran on {saved}"
                                  f" workers, this one on {self.world_size} × {self.workers}: pass all "
                                  f"{state.get('world_size')} saved rank states to re-plan the rest of the epoch")
             if any(int(s["epoch"]) != self.epoch or int(s["seed"]) != self.seed for s in all_states):

@@ -85,6 +85,7 @@ class TrainSection:
     seed: int = 0
     trace_samples: bool = False  # every rank writes OUT/trace/rank{r}.jsonl: the sample keys of each micro-batch
     hooks: list[str] = field(default_factory=list)  # "module:Class" StepHooks built on rank 0 with the RunConfig
+    tensorboard: bool = True  # OUT/tensorboard event files (higgs_ds.hooks.TensorBoardHook)
 
 
 @dataclass
@@ -137,7 +138,8 @@ def check(config: RunConfig) -> None:
     need(d.layout in ("padded", "packed"), "data.layout", f"expected padded or packed, got {d.layout!r}")
     need((d.layout == "packed") == (d.pack_length is not None), "data.pack_length",
          "set for, and only for, data.layout=packed (use null with padded)")
-    need(m.audio_reduction in ("sum", "mean"), "model.audio_reduction", f"expected sum or mean, got {m.audio_reduction!r}")
+    need(m.audio_reduction in ("sum", "mean"), "model.audio_reduction",
+         f"expected sum or mean, got {m.audio_reduction!r}")
     need(o.name in ("adamw", "sgd"), "optim.name", f"expected adamw or sgd, got {o.name!r}")
     need(t.precision in PRECISIONS, "train.precision", f"expected one of {PRECISIONS}, got {t.precision!r}")
     need(t.freeze in FREEZE_RECIPES, "train.freeze", f"expected one of {FREEZE_RECIPES}, got {t.freeze!r}")
@@ -198,8 +200,8 @@ def fingerprint(config: RunConfig) -> str:
     import hashlib
 
     d = config.to_dict()
-    for key in ("resume", "max_steps", "epochs", "log_every", "hooks", "trace_samples", "eval_every", "save_every",
-                "keep_last", "out_dir", "deepspeed"):
+    for key in ("resume", "max_steps", "epochs", "log_every", "hooks", "trace_samples", "tensorboard", "eval_every",
+                "save_every", "keep_last", "out_dir", "deepspeed"):
         d["train"].pop(key)
     d["data"].pop("num_workers")
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

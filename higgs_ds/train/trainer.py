@@ -117,7 +117,8 @@ def make_loader(setup: Setup, split: str, rank: int, train: bool, agree_min=None
     d, t = setup.config.data, setup.config.train
     return ShardLoader(split, make_collator(setup), rank=rank, world_size=setup.world_size,
                        num_workers=d.num_workers if train else 0, seed=d.seed, max_tokens=d.max_tokens,
-                       batch_size=d.batch_size, shuffle=train and d.shuffle, shuffle_buffer=d.shuffle_buffer, num_epochs=t.epochs if train else 1,
+                       batch_size=d.batch_size, shuffle=train and d.shuffle, shuffle_buffer=d.shuffle_buffer,
+                       num_epochs=t.epochs if train else 1,
                        agree_min=agree_min)
 
 
@@ -383,11 +384,18 @@ class Trainer:
         metrics = {name: float(v) for name, v in loss_means(text_sum, text_tokens, audio_sum, audio_tokens,
                                                             self.engine.module.loss_config).items()}
         grad_norm = self.engine.get_global_grad_norm()
-        metrics.update({"lr": float(self.schedule.get_last_lr()[0]),
+        learnable_positions = float(text_tokens + audio_tokens.sum() / k)  # audio: K labels per frame
+        metrics.update({"tokens/total": float(tokens),
+                        "tokens/learnable_share": learnable_positions / max(1.0, float(tokens)),
+                        "memory/peak_rss_gib": peak_rss_gib(),
+                        "lr": float(self.schedule.get_last_lr()[0]),
                         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                        "tokens/text_learnable": float(text_tokens), "tokens/audio_learnable": float(audio_tokens.sum()),
+                        "tokens/text_learnable": float(text_tokens),
+                        "tokens/audio_learnable": float(audio_tokens.sum()),
                         "throughput/tps": float(tokens) / seconds, "throughput/samples_per_s": float(samples) / seconds,
                         "time/step_s": seconds, "time/data_wait_share": data_seconds / seconds})
+        if self.device.type == "cuda":
+            metrics["memory/peak_gpu_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         # ETA from the mean step time of this process's steps so far (the first includes warm-up).
         self._step_seconds.append(seconds)
         mean = sum(self._step_seconds) / len(self._step_seconds)
@@ -423,6 +431,13 @@ class Trainer:
         return metrics
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident memory (on a GPU, `torch.cuda.max_memory_allocated` tells the device's)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def load_hook(spec: str):
     """The StepHook class named "package.module:Class" (train.hooks)."""
     import importlib
@@ -448,6 +463,10 @@ def run(config: RunConfig, dry: bool = False, hooks: list[StepHook] = ()) -> int
     deepspeed.init_distributed()
     if dist.get_rank() == 0:
         hooks = [*hooks, *(load_hook(spec)(config) for spec in config.train.hooks)]
+        if config.train.tensorboard:
+            from ..hooks import TensorBoardHook
+
+            hooks.append(TensorBoardHook(config))
     trainer = Trainer(setup, hooks)
     out = Path(config.train.out_dir)
     if trainer.rank == 0:
@@ -455,7 +474,13 @@ def run(config: RunConfig, dry: bool = False, hooks: list[StepHook] = ()) -> int
     trainer.resume()
     if trainer.rank == 0:
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
-    final = trainer.train()
+    for hook in trainer.hooks:
+        getattr(hook, "on_start", lambda step: None)(trainer.step)
+    try:
+        final = trainer.train()
+    finally:
+        for hook in trainer.hooks:
+            getattr(hook, "close", lambda: None)()
     if trainer.rank == 0:
         print(f"done: step {trainer.step}, checkpoints in {trainer.checkpoints}", flush=True)
         (out / "final_metrics.json").write_text(json.dumps(final, indent=1) + "\n")

@@ -21,5 +21,5 @@ from .location import FetchError, is_remote
 from .writer import SplitWriter
 
 __all__ = ["COUNTS", "FIELDS", "FORMAT", "FetchError", "MANIFEST", "Manifest", "ShardError", "ShardInfo",
-           "SplitWriter", "atomic_write", "is_remote", "check_fingerprint", "data_fingerprint", "decode_sample", "encode_sample", "file_sha256",
-           "read_shard", "sample_counts", "tar_complete", "tar_problem"]
+           "SplitWriter", "atomic_write", "check_fingerprint", "data_fingerprint", "decode_sample", "encode_sample",
+           "file_sha256", "is_remote", "read_shard", "sample_counts", "tar_complete", "tar_problem"]

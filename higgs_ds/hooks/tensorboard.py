@@ -1,0 +1,53 @@
+"""TensorBoard scalars of every step and evaluation (tensorboard's own event files via torch.utils.tensorboard).
+
+Tags: loss/total, loss/text, loss/audio, loss/audio_cb{k}; tokens/text_learnable, tokens/audio_learnable,
+tokens/total, tokens/learnable_share; lr, grad_norm; throughput/tps, throughput/samples_per_s; time/step_s,
+time/data_wait_share, time/eta_s; memory/peak_rss_gib (and memory/peak_gpu_gib on a GPU); data/{stream counter}
+(planned, seen, corrupt, missing, dropped, too long samples; stray members, bad shards, blank and padding batches);
+eval/... at each evaluation. The resolved config is recorded once as text. A resumed run purges the steps it
+repeats (SummaryWriter purge_step)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+LOG_DIR = "tensorboard"
+
+
+class TensorBoardHook:
+    def __init__(self, config):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.config = config
+        self.directory = Path(config.train.out_dir) / LOG_DIR
+        self._writer_class = SummaryWriter
+        self.writer = None
+
+    def on_start(self, step: int) -> None:
+        """Called once before the first step (after a resume: the step it resumes at)."""
+        self.writer = self._writer_class(str(self.directory), purge_step=step + 1 if step else None)
+        if not step:
+            text = json.dumps(self.config.to_dict(), indent=1)
+            self.writer.add_text("config", f"```\n{text}\n```", 0)
+
+    def on_step(self, report) -> None:
+        step = report.step
+        for name, value in report.metrics.items():
+            self.writer.add_scalar(name, value, step)
+        for name, value in report.stream.items():
+            if name not in ("epoch", "position", "batches_per_epoch"):
+                self.writer.add_scalar(f"data/{name}", value, step)
+        self.writer.add_scalar("data/epoch", report.stream.get("epoch", 0), step)
+        self.writer.flush()  # a killed run keeps every step it logged (the resumed one purges what it repeats)
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def stop_requested(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
