@@ -668,3 +668,26 @@ def test_compare_runs_table_plots_and_asserts(reference, tmp_path, capsys):
     assert "loss/text step 1: expected" in capsys.readouterr().err
     # The stored expected losses of this tiny CI config guard regressions.
     assert compare_main([str(out), "--expected", str(EXPECTED_LOSSES), "--rtol", "1e-3"]) == 0
+
+
+@pytest.mark.slow
+def test_a_non_finite_step_is_skipped_and_too_many_in_a_row_stop_the_run(corpus, tmp_path):
+    """A NaN loss on one rank at step 3, then at steps 5-7: step 3 leaves the weights bit-identical and is counted;
+    with train.max_skipped_steps=3 the third in a row stops every rank with one message."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    out = tmp_path / "run"
+    config = write_yaml(tmp_path / "run.yaml", **base_config(corpus, out, save_every=1, keep_last=100,
+                                                              max_skipped_steps=3))
+    code, output = launch(config, env={"HIGGS_DS_TEST_NAN_STEPS": "3,5,6,7"})
+    assert code != 0 and "error: stopping at step 7: 3 steps in a row had a non-finite loss or gradient" in output
+    weights = {s: get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=f"step{s:08d}")
+               for s in (2, 3, 4)}
+    assert all(torch.equal(weights[3][n], weights[2][n]) for n in weights[2]), "the NaN step changed nothing"
+    assert not all(torch.equal(weights[4][n], weights[3][n]) for n in weights[3]), "step 4 trained"
+    rows = {row["step"]: row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert [rows[s]["train/step_skipped"] for s in range(1, 8)] == [0, 0, 1, 0, 1, 1, 1]
+    assert rows[7]["train/skipped_steps"] == 4
+    # A skipped step does not advance the schedule: after step 4 it stands where step 3 would have left it.
+    assert rows[4]["lr"] == pytest.approx(3e-3 * warmup_cosine(3, 2, 7, 0.1))
+    assert rows[4]["lr"] != pytest.approx(3e-3 * warmup_cosine(4, 2, 7, 0.1))

@@ -81,6 +81,7 @@ class TrainSection:
     eval_every: int = 0  # 0 = only at the end (when data.val is set)
     save_every: int = 0  # 0 = only at the end
     keep_last: int = 2  # complete checkpoints kept
+    max_skipped_steps: int = 5  # steps in a row with a non-finite loss/gradient (skipped) before the run stops
     resume: str = "none"  # none | auto (newest complete checkpoint in out_dir, if any) | a checkpoint directory
     seed: int = 0
     trace_samples: bool = False  # every rank writes OUT/trace/rank{r}.jsonl: the sample keys of each micro-batch
@@ -147,6 +148,7 @@ def check(config: RunConfig) -> None:
          f"expected none, auto or a checkpoint directory, got {t.resume!r}")
     for key, value, low in (("train.grad_accum", t.grad_accum, 1), ("train.epochs", t.epochs, 1),
                             ("train.keep_last", t.keep_last, 1), ("train.log_every", t.log_every, 1),
+                            ("train.max_skipped_steps", t.max_skipped_steps, 1),
                             ("data.round_to", d.round_to, 1),
                             ("data.num_workers", d.num_workers, 0), ("optim.warmup_steps", o.warmup_steps, 0),
                             ("train.eval_every", t.eval_every, 0), ("train.save_every", t.save_every, 0)):
@@ -200,7 +202,7 @@ def fingerprint(config: RunConfig) -> str:
     import hashlib
 
     d = config.to_dict()
-    for key in ("resume", "max_steps", "epochs", "log_every", "hooks", "trace_samples", "tensorboard", "eval_every",
+    for key in ("resume", "max_steps", "epochs", "log_every", "hooks", "trace_samples", "tensorboard", "eval_every", "max_skipped_steps",
                 "save_every", "keep_last", "out_dir", "deepspeed"):
         d["train"].pop(key)
     d["data"].pop("num_workers")

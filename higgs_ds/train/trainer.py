@@ -36,6 +36,10 @@ from .weights import load_pretrained, weight_plan
 log = logging.getLogger("higgs_ds.train")
 
 
+class TrainingStopped(RuntimeError):
+    """A guard stopped the run (every rank raises it at the same step); the message says why."""
+
+
 @dataclass
 class StepReport:
     """What rank 0's hooks receive after each optimizer step. Values are all-reduced over ranks."""
@@ -202,6 +206,7 @@ class Trainer:
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds)
         self.step = 0
         self._step_seconds: list[float] = []  # this process's step times (ETA)
+        self.skipped_in_a_row = self.skipped_total = 0
         self.fingerprint = fingerprint(self.config)
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -325,6 +330,8 @@ class Trainer:
                             grad_scale=float(self.world * t.grad_accum))
             sums = torch.zeros(2 + 2 * k + 2, dtype=torch.float64)
             predictions = None
+            skipped_before = self.engine.skipped_steps
+            poison = str(self.step + 1) in os.environ.get("HIGGS_DS_TEST_NAN_STEPS", "").split(",")
             for n, batch in enumerate(micro):
                 if len(micro) < t.grad_accum and n == len(micro) - 1:
                     # The run's last, partial step (the data's last micro-batches): step the optimizer here. The
@@ -334,6 +341,8 @@ class Trainer:
                 want = self.rank == 0 and n == len(micro) - 1 and bool(self.hooks)
                 result = self.engine(**batch.to(self.device).model_inputs(), loss_norm=norm,
                                      return_predictions=want)
+                if poison and self.rank == 0:  # test-only: a non-finite loss on one rank
+                    result = result._replace(loss=result.loss * float("nan"))
                 self.engine.backward(result.loss)
                 self.engine.step()
                 sums += torch.cat([result.text_loss_sum.reshape(1).double().cpu(),
@@ -352,7 +361,16 @@ class Trainer:
                                        segment_ids=batch.segment_ids, audio_out_mask=batch.audio_out_mask)
             sums = self._all_reduce(sums)
             self.step += 1
+            # ZeRO (0.19.8) drops a step whose global gradient norm is not finite, on every rank alike (the norm is
+            # global), and does not advance the schedule; we count it and stop after too many in a row.
+            skipped = self.engine.skipped_steps > skipped_before
+            self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+            self.skipped_total += int(skipped)
             metrics = self._metrics(sums, k, time.perf_counter() - started, data_time)
+            metrics.update({"train/step_skipped": float(skipped), "train/skipped_steps": float(self.skipped_total)})
+            if skipped and self.rank == 0:
+                log.warning("step %d skipped: non-finite loss or gradient (loss %s); %d in a row", self.step,
+                            metrics["loss/total"], self.skipped_in_a_row)
             stop = torch.zeros(1)
             if self.rank == 0:
                 if self.step % t.log_every == 0 or self.step == self.total_steps:
@@ -364,6 +382,10 @@ class Trainer:
                 for hook in self.hooks:
                     hook.on_step(report)
                 stop[0] = float(any(hook.stop_requested() for hook in self.hooks))
+            if self.skipped_in_a_row >= t.max_skipped_steps:  # the same on every rank: the norm is global
+                raise TrainingStopped(f"stopping at step {self.step}: {self.skipped_in_a_row} steps in a row had a "
+                                      "non-finite loss or gradient and were skipped (train.max_skipped_steps="
+                                      f"{t.max_skipped_steps}); the newest checkpoint holds the last good weights")
             stop = stop.to(self.device)
             dist.broadcast(stop, src=0)
             last = self.step == self.total_steps or bool(stop.item())
@@ -508,3 +530,6 @@ def main(argv: list[str] | None = None) -> int:
     except RunConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
