@@ -691,3 +691,25 @@ def test_a_non_finite_step_is_skipped_and_too_many_in_a_row_stop_the_run(corpus,
     # A skipped step does not advance the schedule: after step 4 it stands where step 3 would have left it.
     assert rows[4]["lr"] == pytest.approx(3e-3 * warmup_cosine(3, 2, 7, 0.1))
     assert rows[4]["lr"] != pytest.approx(3e-3 * warmup_cosine(4, 2, 7, 0.1))
+
+
+@pytest.mark.slow
+def test_a_leaking_setup_trips_the_collapse_alarm_and_a_correct_run_does_not(corpus, reference, tmp_path,
+                                                                             monkeypatch):
+    """The planted bug (unshifted labels: the model learns to copy its input) stops a strict run within a few steps
+    with the alarm's reason; the reference run on the same data raised no alarm."""
+    _, _, reference_output = reference
+    assert "COLLAPSE ALARM" not in reference_output
+    out = tmp_path / "run"
+    config = base_config(corpus, out)
+    config["model"]["leak_labels_for_tests"] = True
+    config["guards"] = {"strict": True}
+    config = write_yaml(tmp_path / "run.yaml", **config)
+    code, output = launch(config, env={"HIGGS_DS_TESTING": "1"})
+    assert code == 3, output[-3000:]
+    alarm = "error: COLLAPSE ALARM at step 1: 100% of the audio labels equal their own input frame"
+    assert output.count(alarm) >= 2, "the guard's alarm, then the run's one-line stop message"
+    assert len(losses(out)) <= 2, "stopped within a few steps"
+    # The switch exists for tests only.
+    monkeypatch.delenv("HIGGS_DS_TESTING", raising=False)
+    assert train_main(["--config", str(config)]) == 2

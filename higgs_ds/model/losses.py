@@ -64,10 +64,12 @@ class LearnableCounts:
     audio: torch.Tensor  # long [K]
 
 
-def next_token_targets(label_ids: torch.Tensor, audio_out_labels: torch.Tensor, index: BatchIndex) -> Targets:
-    """Gathers only (no data-dependent shapes): the positions were chosen by `index_batch` on the CPU."""
-    return Targets(text=label_ids.flatten()[index.text_target_positions + 1],
-                   audio=audio_out_labels[:, index.audio_target_frames + 1].T)
+def next_token_targets(label_ids: torch.Tensor, audio_out_labels: torch.Tensor, index: BatchIndex,
+                       shift: int = 1) -> Targets:
+    """Gathers only (no data-dependent shapes): the positions were chosen by `index_batch` on the CPU. `shift=0`
+    exists only for the tests that plant the classic bug (the label at t itself: the model copies its input)."""
+    return Targets(text=label_ids.flatten()[index.text_target_positions + shift],
+                   audio=audio_out_labels[:, index.audio_target_frames + shift].T)
 
 
 def learnable_counts(batch: Batch) -> LearnableCounts:

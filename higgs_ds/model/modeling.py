@@ -217,7 +217,7 @@ class HiggsAudioForTraining(nn.Module):
     logits(**batch.model_inputs()) -> HiggsAudioLogits (parity tests, inference)."""
 
     def __init__(self, config: HiggsModelConfig | HiggsAudioV2Config, loss_config: LossConfig = LossConfig(),
-                 attn_implementation: str = "auto", head_impl: str = "auto"):
+                 attn_implementation: str = "auto", head_impl: str = "auto", leak_labels_for_tests: bool = False):
         """`config`: read by `higgs_ds.model_config.read_model_config` (a transformers HiggsAudioV2Config is read as a
         port-layout config). `self.model_config` keeps it; `self.config` is the HiggsAudioV2Config the port modules
         are built from (its `codebook_size` = ids per codebook, incl. stream bos/eos)."""
@@ -233,6 +233,7 @@ class HiggsAudioForTraining(nn.Module):
         self.config = config
         self.config._attn_implementation = attn_implementation
         self.loss_config = loss_config
+        self.target_shift = 0 if leak_labels_for_tests else 1  # 0: the planted unshifted-label bug (tests only)
         self.model = HiggsAudioBackbone(self.config)
         self.audio_lm_head = LinearCrossEntropyHead(config.hidden_size, config.codebook_size,
                                                     num_heads=config.num_codebooks, impl=head_impl)
@@ -267,7 +268,7 @@ class HiggsAudioForTraining(nn.Module):
         check_shapes(self.config, input_ids, attention_mask, position_ids, segment_ids, label_ids, audio_in_mask,
                      audio_out_mask, audio_in_ids, audio_out_ids, audio_out_labels, index)
         hidden = self.model(input_ids, position_ids, segment_ids, audio_in_ids, audio_out_ids, index).flatten(0, 1)
-        targets = next_token_targets(label_ids, audio_out_labels, index)
+        targets = next_token_targets(label_ids, audio_out_labels, index, self.target_shift)
         text: HeadLoss = self.text_lm_head(hidden[index.text_target_positions], targets.text, return_predictions)
         audio: HeadLoss = self.audio_lm_head(hidden[index.audio_target_positions], targets.audio,
                                              return_predictions)

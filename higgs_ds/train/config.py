@@ -8,6 +8,7 @@ Everything here runs before any process group forms, so a bad config stops every
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -37,6 +38,7 @@ class ModelSection:
     audio_weight: float = 1.0
     audio_reduction: str = "sum"  # sum | mean over codebooks
     init_seed: int = 0  # random initialisation (model.config only)
+    leak_labels_for_tests: bool = False  # the planted unshifted-loss bug; refused unless HIGGS_DS_TESTING=1
 
 
 @dataclass
@@ -90,11 +92,23 @@ class TrainSection:
 
 
 @dataclass
+class GuardSection:
+    """Rank-0 guards (higgs_ds.hooks.guards): warn, or stop every rank with `strict`."""
+
+    enabled: bool = True
+    audio_loss_floor: Optional[float] = None  # loss/audio below this is a collapse; None: 1 % of the uniform loss
+    copy_margin: float = 0.3  # predictions equal their own input frame this much more often than the labels do
+    strict: bool = False  # stop the run on a collapse alarm (else warn)
+    no_learnable_steps: int = 20  # report a rank whose batches had nothing to learn for this many steps in a row
+
+
+@dataclass
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
+    guards: GuardSection = field(default_factory=GuardSection)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,6 +170,8 @@ def check(config: RunConfig) -> None:
     need((d.max_tokens is None) != (d.batch_size is None), "data.max_tokens / data.batch_size",
          "give exactly one (the other null)")
     need((d.max_tokens or 1) >= 1 and (d.batch_size or 1) >= 1, "data.max_tokens / data.batch_size", "must be >= 1")
+    need(not m.leak_labels_for_tests or os.environ.get("HIGGS_DS_TESTING") == "1", "model.leak_labels_for_tests",
+         "plants the unshifted-loss bug; it exists for the test suite only (HIGGS_DS_TESTING=1)")
     need(o.lr > 0 and 0 <= o.min_lr_ratio <= 1, "optim.lr / optim.min_lr_ratio", "need lr > 0, 0 <= ratio <= 1")
 
 
@@ -206,4 +222,5 @@ def fingerprint(config: RunConfig) -> str:
                 "save_every", "keep_last", "out_dir", "deepspeed"):
         d["train"].pop(key)
     d["data"].pop("num_workers")
+    d.pop("guards")
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

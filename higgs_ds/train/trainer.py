@@ -171,7 +171,8 @@ class Trainer:
         m, o, t = self.config.model, self.config.optim, self.config.train
         torch.manual_seed(m.init_seed)  # the same random initialisation on every rank
         loss_config = LossConfig(m.text_weight, m.audio_weight, m.audio_reduction)
-        kwargs = dict(loss_config=loss_config, attn_implementation=m.attn_implementation, head_impl=m.head_impl)
+        kwargs = dict(loss_config=loss_config, attn_implementation=m.attn_implementation, head_impl=m.head_impl,
+                      leak_labels_for_tests=m.leak_labels_for_tests)
         if setup.zero3:
             with deepspeed.zero.Init(config_dict_or_path=setup.ds):
                 model = HiggsAudioForTraining(setup.model_config, **kwargs)
@@ -207,6 +208,7 @@ class Trainer:
         self.step = 0
         self._step_seconds: list[float] = []  # this process's step times (ETA)
         self.skipped_in_a_row = self.skipped_total = 0
+        self.stop_reason: str | None = None
         self.fingerprint = fingerprint(self.config)
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -309,6 +311,7 @@ class Trainer:
             trace = open(out / "trace" / f"rank{self.rank}.jsonl", "a")
         stream = self.micro_batches()
         metrics: dict[str, float] = {}
+        failed = False
         self.engine.train()
         while self.step < self.total_steps:
             started = time.perf_counter()
@@ -381,7 +384,10 @@ class Trainer:
                                     self.loader.stats())
                 for hook in self.hooks:
                     hook.on_step(report)
-                stop[0] = float(any(hook.stop_requested() for hook in self.hooks))
+                requests = [hook.stop_requested() for hook in self.hooks]
+                reasons = [r for r in requests if isinstance(r, str)]
+                stop[0] = 2.0 if reasons else float(any(requests))  # 2: a guard's failure, 1: a clean stop
+                self.stop_reason = reasons[0] if reasons else None
             if self.skipped_in_a_row >= t.max_skipped_steps:  # the same on every rank: the norm is global
                 raise TrainingStopped(f"stopping at step {self.step}: {self.skipped_in_a_row} steps in a row had a "
                                       "non-finite loss or gradient and were skipped (train.max_skipped_steps="
@@ -389,6 +395,7 @@ class Trainer:
             stop = stop.to(self.device)
             dist.broadcast(stop, src=0)
             last = self.step == self.total_steps or bool(stop.item())
+            failed = stop.item() == 2.0
             if self.val_loader is not None and ((t.eval_every and self.step % t.eval_every == 0) or last):
                 self.evaluate()
             if (t.save_every and self.step % t.save_every == 0) or last:
@@ -397,6 +404,8 @@ class Trainer:
                 break
         if trace is not None:
             trace.close()
+        if failed:  # every rank alike: the flag was broadcast
+            raise TrainingStopped(self.stop_reason or "stopped by a guard on rank 0 (its message says why)")
         return metrics
 
     def _metrics(self, sums: torch.Tensor, k: int, seconds: float, data_seconds: float) -> dict[str, float]:
@@ -485,10 +494,13 @@ def run(config: RunConfig, dry: bool = False, hooks: list[StepHook] = ()) -> int
     deepspeed.init_distributed()
     if dist.get_rank() == 0:
         hooks = [*hooks, *(load_hook(spec)(config) for spec in config.train.hooks)]
-        if config.train.tensorboard:
-            from ..hooks import TensorBoardHook
+        from ..hooks import CollapseGuard, TensorBoardHook
 
+        if config.train.tensorboard:
             hooks.append(TensorBoardHook(config))
+        if config.guards.enabled:
+            audio = setup.model_config.audio
+            hooks.append(CollapseGuard(config, audio.codes_per_codebook + 2, audio.num_codebooks))
     trainer = Trainer(setup, hooks)
     out = Path(config.train.out_dir)
     if trainer.rank == 0:

@@ -1,0 +1,57 @@
+"""Guards on rank 0 against a wrong training signal, from the step values the engine hands over:
+  * collapse: loss/audio falls below a floor (default: 1 % of the uniform loss, K·ln(ids per codebook) summed or
+    ln(ids) averaged over codebooks), or the audio predictions equal their own input frame much more often than the
+    labels do (copy detection: the signature of an unshifted loss), or the labels themselves equal the inputs;
+  * a rank whose batches carry nothing to learn for many steps in a row is reported.
+An alarm warns, or with guards.strict stops every rank (through the engine's broadcast stop flag) with its reason."""
+from __future__ import annotations
+
+import math
+import sys
+
+
+class CollapseGuard:
+    def __init__(self, config, ids_per_codebook: int, num_codebooks: int):
+        self.config = config.guards
+        uniform = math.log(ids_per_codebook) * (num_codebooks if config.model.audio_reduction == "sum" else 1)
+        self.floor = self.config.audio_loss_floor if self.config.audio_loss_floor is not None else 0.01 * uniform
+        self.alarms: list[str] = []
+        self.idle: dict[int, int] = {}
+        self.reported: set[int] = set()
+
+    def on_step(self, report) -> None:
+        m = report.metrics
+        if m.get("tokens/audio_learnable", 0) > 0 and m["loss/audio"] < self.floor:
+            self._alarm(report.step, f"loss/audio {m['loss/audio']:.4f} is below the floor {self.floor:.4f} "
+                                     "(guards.audio_loss_floor): the model may be copying its input")
+        p = report.predictions
+        if p is not None and p.get("audio_inputs") is not None and p["audio_inputs"].numel():
+            learnable = p["audio_labels"] != -100
+            if learnable.sum() >= 8:
+                inputs = p["audio_inputs"]
+                predicted_copy = float(((p["audio_predictions"] == inputs) & learnable).sum() / learnable.sum())
+                label_copy = float(((p["audio_labels"] == inputs) & learnable).sum() / learnable.sum())
+                if label_copy > 0.9:
+                    self._alarm(report.step, f"{label_copy:.0%} of the audio labels equal their own input frame: "
+                                             "the loss is not shifted (labels must be the next frame's codes)")
+                elif predicted_copy - label_copy > self.config.copy_margin:
+                    self._alarm(report.step, f"audio predictions equal their input frame {predicted_copy:.0%} of the "
+                                             f"time, the labels only {label_copy:.0%}: the model copies its input")
+        for rank, counts in enumerate(report.rank_learnable):
+            self.idle[rank] = self.idle.get(rank, 0) + 1 if sum(counts) == 0 else 0
+            if self.idle[rank] >= self.config.no_learnable_steps and rank not in self.reported:
+                self.reported.add(rank)
+                print(f"warning: rank {rank}'s batches had nothing to learn for {self.idle[rank]} steps in a row "
+                      f"(step {report.step}): check the masking of its shards", file=sys.stderr, flush=True)
+
+    def _alarm(self, step: int, why: str) -> None:
+        message = f"COLLAPSE ALARM at step {step}: {why}"
+        if message.split(": ", 1)[1] not in [a.split(": ", 1)[1] for a in self.alarms]:
+            print(("error: " if self.config.strict else "warning: ") + message, file=sys.stderr, flush=True)
+        self.alarms.append(message)
+
+    def on_eval(self, step, metrics) -> None:
+        pass
+
+    def stop_requested(self):
+        return self.alarms[0] if self.alarms and self.config.strict else False
