@@ -631,6 +631,15 @@ def test_tensorboard_events_hold_every_step_value(reference, corpus, tokens):
     for tag in ("loss/total", "loss/audio_cb3", "lr", "tokens/text_learnable"):
         assert scalars[tag] == pytest.approx({s: rows[s][tag] for s in rows}, rel=1e-6), tag
     assert sorted(scalars["eval/total"]) == [3, 6, 7], "train.eval_every=3, and at the end"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    texts = set(events.Tags()["tensors"])
+    assert {"config/text_summary", "slices/text/text_summary", "slices/audio/text_summary",
+            "sample/marked/text_summary"} <= texts, texts
+    table = events.Tensors("slices/audio/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert table.startswith("| sample | frame j → j+1 | codebook | input at j | label | prediction | hit |")
     assert 0 < min(scalars["tokens/learnable_share"].values()) <= max(scalars["tokens/learnable_share"].values()) < 1
     # Learnable tokens over the run = the manifest's per-sample counts of the samples the run consumed.
     manifest = Manifest.load(corpus / "train")

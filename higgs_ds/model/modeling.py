@@ -310,8 +310,12 @@ class HiggsAudioForTraining(nn.Module):
 
 
 def _spread(count: int, wanted: int, device) -> torch.Tensor:
-    """Up to `wanted` row indices spread evenly over `count` rows."""
-    return torch.linspace(0, max(count - 1, 0), min(count, wanted), device=device).round().long()
+    """Up to `wanted` row indices: the first and the last rows (where audio segments start and end: stream bos, the
+    delay pattern, eos)."""
+    if count <= wanted:
+        return torch.arange(count, device=device)
+    head = wanted - wanted // 2
+    return torch.cat([torch.arange(head, device=device), torch.arange(count - wanted // 2, count, device=device)])
 
 
 def check_shapes(config: HiggsAudioV2Config, input_ids, attention_mask, position_ids, segment_ids, label_ids,

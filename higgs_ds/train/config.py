@@ -89,6 +89,7 @@ class TrainSection:
     trace_samples: bool = False  # every rank writes OUT/trace/rank{r}.jsonl: the sample keys of each micro-batch
     hooks: list[str] = field(default_factory=list)  # "module:Class" StepHooks built on rank 0 with the RunConfig
     tensorboard: bool = True  # OUT/tensorboard event files (higgs_ds.hooks.TensorBoardHook)
+    slice_every: int = 50  # prediction-vs-label slices in TensorBoard every N steps (0 = never)
 
 
 @dataclass
@@ -100,6 +101,7 @@ class GuardSection:
     copy_margin: float = 0.3  # predictions equal their own input frame this much more often than the labels do
     strict: bool = False  # stop the run on a collapse alarm (else warn)
     no_learnable_steps: int = 20  # report a rank whose batches had nothing to learn for this many steps in a row
+    check_every: int = 10  # steps between prediction checks (copy detection); the loss floor is checked every step
 
 
 @dataclass
@@ -213,13 +215,17 @@ def deepspeed_config(config: RunConfig, world_size: int) -> dict[str, Any]:
     return ds
 
 
+# Train-section keys a resumed run may change (logging, stopping, where things go); the rest must match.
+RESUMABLE = ("resume", "max_steps", "epochs", "log_every", "hooks", "trace_samples", "tensorboard", "eval_every",
+             "max_skipped_steps", "slice_every", "save_every", "keep_last", "out_dir", "deepspeed")
+
+
 def fingerprint(config: RunConfig) -> str:
     """What a resumed run must share with the saved one (everything but the knobs that may change on resume)."""
     import hashlib
 
     d = config.to_dict()
-    for key in ("resume", "max_steps", "epochs", "log_every", "hooks", "trace_samples", "tensorboard", "eval_every", "max_skipped_steps",
-                "save_every", "keep_last", "out_dir", "deepspeed"):
+    for key in RESUMABLE:
         d["train"].pop(key)
     d["data"].pop("num_workers")
     d.pop("guards")

@@ -341,7 +341,7 @@ class Trainer:
                     # global LossNorm already normalises by this step's counts; grad_scale stays world × accum
                     # because DeepSpeed still divides by its configured accumulation.
                     self.engine.set_gradient_accumulation_boundary(True)
-                want = self.rank == 0 and n == len(micro) - 1 and bool(self.hooks)
+                want = self.rank == 0 and n == len(micro) - 1 and bool(self.hooks) and self._wants_predictions()
                 result = self.engine(**batch.to(self.device).model_inputs(), loss_norm=norm,
                                      return_predictions=want)
                 if poison and self.rank == 0:  # test-only: a non-finite loss on one rank
@@ -361,7 +361,8 @@ class Trainer:
                                     "audio_labels", "audio_frames", "audio_inputs")}
                     # Which sample each logged row belongs to, and the batch's inputs to decode them.
                     predictions.update(sample_keys=list(batch.sample_keys), input_ids=batch.input_ids,
-                                       segment_ids=batch.segment_ids, audio_out_mask=batch.audio_out_mask)
+                                       label_ids=batch.label_ids, segment_ids=batch.segment_ids,
+                                       audio_out_mask=batch.audio_out_mask)
             sums = self._all_reduce(sums)
             self.step += 1
             # ZeRO (0.19.8) drops a step whose global gradient norm is not finite, on every rank alike (the norm is
@@ -407,6 +408,13 @@ class Trainer:
         if failed:  # every rank alike: the flag was broadcast
             raise TrainingStopped(self.stop_reason or "stopped by a guard on rank 0 (its message says why)")
         return metrics
+
+    def _wants_predictions(self) -> bool:
+        """Predictions (top-1 at logged rows) on the first step and at the slice and guard cadences only: on a GPU
+        asking for them runs the chunked head instead of Liger's."""
+        step = self.step + 1
+        every = [e for e in (self.config.train.slice_every, self.config.guards.check_every) if e]
+        return step == 1 or any(step % e == 0 for e in every)
 
     def _metrics(self, sums: torch.Tensor, k: int, seconds: float, data_seconds: float) -> dict[str, float]:
         text_sum, text_tokens = sums[0], sums[1]
