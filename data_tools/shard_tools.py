@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from higgs_ds.data.collator import Collator
+from higgs_ds.data.masking import mask_stats, masking_rows, table
 from higgs_ds.data.sample import TokenizedSample
 from higgs_ds.data.batch import IGNORE
 from higgs_ds.data.shards import (COUNTS, MANIFEST, Manifest, ShardError, atomic_write, decode_sample,
@@ -111,45 +112,6 @@ def render(sample: TokenizedSample, tokens: SpecialTokens, audio: AudioSettings,
     return "".join(out)
 
 
-def token_roles(sample: TokenizedSample, tokens: SpecialTokens, tokenizer=None) -> list[str]:
-    """The role of each token: from its turn's <|start_header_id|>role<|end_header_id|> header."""
-    ids = sample.input_ids.tolist()
-    roles, role, i = [], None, 0
-    headers = []  # (start, role)
-    while i < len(ids):
-        if ids[i] == tokens.start_header and tokens.end_header in ids[i:]:
-            end = ids.index(tokens.end_header, i)
-            name = ids[i + 1:end]
-            headers.append((i, tokenizer.decode(name).strip() if tokenizer else "ids:" + ",".join(map(str, name))))
-            i = end
-        i += 1
-    for i in range(len(ids)):
-        while headers and headers[0][0] <= i:
-            role = headers.pop(0)[1]
-        roles.append(role)
-    first = next((r for r in roles if r is not None), "?")
-    return [r if r is not None else first for r in roles]  # the <|begin_of_text|> before the first header
-
-
-def mask_stats(sample: TokenizedSample, tokens: SpecialTokens, audio: AudioSettings, tokenizer=None) -> Counter:
-    """{(role, modality, "positions" | "learnable"): n}. Audio positions are expanded frames; learnable audio
-    counts labels (codebooks × (T + 1) per trained audio-out segment), as in the manifest."""
-    stats: Counter = Counter()
-    segments = iter(sample.audio_codes)
-    for token, label, role in zip(sample.input_ids.tolist(), sample.label_ids.tolist(),
-                                  token_roles(sample, tokens, tokenizer)):
-        if token in (tokens.audio_in, tokens.audio_out):
-            frames = next(segments).shape[1]
-            modality = "audio-out" if token == tokens.audio_out else "audio-in"
-            stats[role, modality, "positions"] += audio.frames(frames)
-            trained = modality == "audio-out" and label != IGNORE
-            stats[role, modality, "learnable"] += audio.num_codebooks * (frames + 1) if trained else 0
-        else:
-            stats[role, "text", "positions"] += 1
-            stats[role, "text", "learnable"] += label != IGNORE
-    return stats
-
-
 def save_batch(batch, path: Path) -> None:
     tensors = {name: value.contiguous() for name, value in batch.tensors().items()}
     if path.suffix == ".safetensors":
@@ -204,22 +166,12 @@ def inspect(args) -> int:
         raise SystemExit(f"{args.target}: no sample {args.key!r}" if args.key else f"{args.target}: no readable sample")
     print(render(chosen[0], tokens, audio, tokenizer))
     print(f"\nmasking over {read} samples (learnable audio = labels: codebooks × (T + 1) per trained segment)")
-    rows = [(role, modality, str(stats[role, modality, "positions"]), str(stats[role, modality, "learnable"]))
-             for role, modality in sorted({(r, m) for r, m, _ in stats})]
-    print(table(("role", "modality", "positions", "learnable"), rows, right=(2, 3)))
+    print(table(("role", "modality", "positions", "learnable"), masking_rows(stats), right=(2, 3)))
     if args.dump_batch is not None:
         batch = Collator(tokens, audio)(chosen)
         save_batch(batch, args.dump_batch)
         print(f"\nwrote a batch of {len(chosen)} samples ({tuple(batch.input_ids.shape)}) to {args.dump_batch}")
     return 0
-
-
-def table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: tuple[int, ...] = ()) -> str:
-    """Columns as wide as their widest cell, two spaces apart; the columns in `right` right-aligned."""
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-    return "\n".join("  ".join(cell.rjust(w) if i in right else cell.ljust(w)
-                               for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
-                     for row in (header, *rows))
 
 
 # ------------------------------------------------------------------------------------------------- validate

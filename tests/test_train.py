@@ -319,6 +319,11 @@ BAD = {
     "another tokenizer": (lambda c, p: [f"model.tokenizer={other_tokenizer(p)}"],
                           r"data\.train: .*shards were built for another tokenizer/model config \(tokenizer_vocab"),
     "unknown hook": (lambda c, p: ["train.hooks=[no_such_module:Hook]"], r"train\.hooks: 'no_such_module:Hook' is not"),
+    "delay pattern": (lambda c, p: [f"model.config={other_model(p, use_delay_pattern=False)}"],
+                      r"data\.train: .*shards were built for another tokenizer/model config \(audio: .*"
+                      r"'use_delay_pattern': True"),
+    "nothing to learn": (lambda c, p: [f"data.train={unlearnable_split(p)}", "data.val=null"],
+                         r"data\.train: the first 6 samples hold no learnable text or audio-out token"),
     "freezes everything": (lambda c, p: ["train.trainable=[no_such_module]"],
                            r"train\.trainable=\['no_such_module'\]: no parameter of this model would train"),
     "no model": (lambda c, p: ["model.config=null"], r"model\.pretrained / model\.config: give exactly one"),
@@ -332,10 +337,19 @@ def other_tokenizer(tmp_path: Path) -> str:
     return str(tmp_path / "tokenizer")
 
 
-def other_model(tmp_path: Path) -> str:
+def other_model(tmp_path: Path, **changes) -> str:
     (tmp_path / "other").mkdir(exist_ok=True)
-    (tmp_path / "other" / "config.json").write_text(json.dumps({**MODEL, "audio_num_codebooks": 4}))
+    (tmp_path / "other" / "config.json").write_text(json.dumps({**MODEL, **(changes or {"audio_num_codebooks": 4})}))
     return str(tmp_path / "other")
+
+
+def unlearnable_split(tmp_path: Path) -> str:
+    """Six prompts with nothing to learn (no assistant turn)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER))
+    tokens = SpecialTokens.from_tokenizer(tokenizer)
+    rng = np.random.default_rng(0)
+    samples = [chat(tokenizer, tokens, f"n{i}", "nothing", rng) for i in range(6)]
+    return str(write_split(tmp_path / "unlearnable", samples, (6,), tokenizer, tokens))
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -722,3 +736,22 @@ def test_a_leaking_setup_trips_the_collapse_alarm_and_a_correct_run_does_not(cor
     # The switch exists for tests only.
     monkeypatch.delenv("HIGGS_DS_TESTING", raising=False)
     assert train_main(["--config", str(config)]) == 2
+
+
+
+@pytest.mark.slow
+def test_preflight_masking_summary_matches_the_manifest(reference, corpus):
+    from higgs_ds.data.shards import Manifest
+
+    _, out, output = reference
+    text = (out / "preflight.txt").read_text()
+    assert text.splitlines()[0] == f"masking over the first 80 samples of {corpus / 'train'}:"
+    assert text.strip() in output, "printed by rank 0"
+    rows = {(r[0], r[1]): (int(r[2]), int(r[3])) for r in (line.split() for line in text.splitlines()[2:])}
+    totals = Manifest.load(corpus / "train").totals
+    assert sum(learnable for (_, m), (_, learnable) in rows.items() if m == "text") == \
+        totals["learnable_text_tokens"] == rows["assistant", "text"][1]
+    assert rows["assistant", "audio-out"][1] == totals["learnable_audio_tokens"]
+    assert sum(p for (_, m), (p, _) in rows.items() if m == "text") == totals["text_tokens"]
+    assert sum(p for (_, m), (p, _) in rows.items() if m != "text") == totals["expanded_tokens"] - totals["text_tokens"]
+    assert all(learnable == 0 for (role, _), (_, learnable) in rows.items() if role != "assistant")

@@ -37,6 +37,9 @@ class TensorBoardHook:
         if not step:
             text = json.dumps(self.config.to_dict(), indent=1)
             self.writer.add_text("config", f"```\n{text}\n```", 0)
+            preflight = Path(self.config.train.out_dir) / "preflight.txt"
+            if preflight.exists():
+                self.writer.add_text("preflight", f"```\n{preflight.read_text()}\n```", 0)
 
     def on_step(self, report) -> None:
         step = report.step

@@ -69,6 +69,7 @@ class Setup:
     tokens: SpecialTokens
     world_size: int
     zero3: bool
+    masking: str = ""  # the preflight's masking summary of the train split (printed, logged)
 
 
 def preflight(config: RunConfig, world_size: int) -> Setup:
@@ -108,7 +109,29 @@ def preflight(config: RunConfig, world_size: int) -> Setup:
         raise RunConfigError(f"{which}: no parameter of this model would train (names look like {names[0]}, "
                              f"{names[-1]})")
     zero3 = ds.get("zero_optimization", {}).get("stage") == 3
-    return Setup(config, ds, model_config, tokenizer, tokens, world_size, zero3)
+    return Setup(config, ds, model_config, tokenizer, tokens, world_size, zero3,
+                 masking=masking_preflight(config, tokenizer, names))
+
+
+def masking_preflight(config: RunConfig, tokenizer, names: list[str], max_samples: int = 500) -> str:
+    """Who learns what in the first samples of the train split; a split with nothing the run trains is refused."""
+    from ..data.masking import learnable_share_rows, split_masking, table
+
+    manifest = Manifest.load(config.data.train)
+    stats, read = split_masking(manifest, max_samples, tokenizer)
+    learnable = {modality: sum(n for (_, m, kind), n in stats.items() if m == modality and kind == "learnable")
+                 for modality in ("text", "audio-out")}
+    trained = set(trainable_names(names, config.train.freeze, config.train.trainable))
+    heads = {"text": "text_lm_head.weight" in trained and config.model.text_weight > 0,
+             "audio-out": "audio_lm_head.weight" in trained and config.model.audio_weight > 0}
+    if not any(learnable[m] for m, on in heads.items() if on):
+        wanted = " or ".join(m for m, on in heads.items() if on) or "anything"
+        raise RunConfigError(f"data.train: the first {read} samples hold no learnable {wanted} token, which this "
+                             f"run trains (train.freeze={config.train.freeze}): every such label is -100 — check "
+                             "start_index and the roles of the data")
+    rows = learnable_share_rows(stats, manifest.audio.num_codebooks)
+    return (f"masking over the first {read} samples of {config.data.train}:\n"
+            + table(("role", "modality", "positions", "learnable", "share"), rows, right=(2, 3, 4)))
 
 
 def make_collator(setup: Setup) -> Collator:
@@ -493,6 +516,8 @@ def run(config: RunConfig, dry: bool = False, hooks: list[StepHook] = ()) -> int
     setup = preflight(config, world_size)  # before any process group: bad configs stop every rank here
     for spec in config.train.hooks:
         load_hook(spec)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(setup.masking, flush=True)
     if dry:
         print(json.dumps(dry_run(setup), indent=1, default=str))
         return 0
@@ -516,6 +541,7 @@ def run(config: RunConfig, dry: bool = False, hooks: list[StepHook] = ()) -> int
     trainer.resume()
     if trainer.rank == 0:
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+        (out / "preflight.txt").write_text(setup.masking + "\n")
     for hook in trainer.hooks:
         getattr(hook, "on_start", lambda step: None)(trainer.step)
     try:
