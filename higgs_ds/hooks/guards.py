@@ -15,6 +15,7 @@ class CollapseGuard:
         self.config = config.guards
         uniform = math.log(ids_per_codebook) * (num_codebooks if config.model.audio_reduction == "sum" else 1)
         self.floor = self.config.audio_loss_floor if self.config.audio_loss_floor is not None else 0.01 * uniform
+        self.text_trained, self.audio_trained = config.model.text_weight > 0, config.model.audio_weight > 0
         self.alarms: list[str] = []
         self.idle: dict[int, int] = {}
         self.reported: set[int] = set()
@@ -37,6 +38,14 @@ class CollapseGuard:
                 elif predicted_copy - label_copy > self.config.copy_margin:
                     self._alarm(report.step, f"audio predictions equal their input frame {predicted_copy:.0%} of the "
                                              f"time, the labels only {label_copy:.0%}: the model copies its input")
+        if report.step == 1:  # the first batches of every rank should carry each modality the run trains
+            trains = {"text": self.text_trained, "audio": self.audio_trained}
+            for rank, counts in enumerate(report.rank_learnable):
+                have = {"text": counts[0] > 0, "audio": sum(counts[1:]) > 0}
+                missing = [m for m, on in trains.items() if on and not have[m]]
+                if missing:
+                    print(f"warning: rank {rank}'s first step carries no learnable {' or '.join(missing)} token",
+                          file=sys.stderr, flush=True)
         for rank, counts in enumerate(report.rank_learnable):
             self.idle[rank] = self.idle.get(rank, 0) + 1 if sum(counts) == 0 else 0
             if self.idle[rank] >= self.config.no_learnable_steps and rank not in self.reported:

@@ -232,6 +232,7 @@ class Trainer:
         self._step_seconds: list[float] = []  # this process's step times (ETA)
         self.skipped_in_a_row = self.skipped_total = 0
         self.stop_reason: str | None = None
+        self.hooks_seconds = 0.0  # rank 0's time inside the hooks' on_step, the step before
         self.fingerprint = fingerprint(self.config)
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -406,8 +407,10 @@ class Trainer:
                     handle.write(json.dumps({"step": self.step, **metrics}) + "\n")
                 report = StepReport(self.step, self.total_steps, metrics, everyone.tolist(), predictions,
                                     self.loader.stats())
+                hooks_started = time.perf_counter()
                 for hook in self.hooks:
                     hook.on_step(report)
+                self.hooks_seconds = time.perf_counter() - hooks_started  # reported with the next step
                 requests = [hook.stop_requested() for hook in self.hooks]
                 reasons = [r for r in requests if isinstance(r, str)]
                 stop[0] = 2.0 if reasons else float(any(requests))  # 2: a guard's failure, 1: a clean stop
@@ -456,6 +459,7 @@ class Trainer:
                         "tokens/audio_learnable": float(audio_tokens.sum()),
                         "throughput/tps": float(tokens) / seconds, "throughput/samples_per_s": float(samples) / seconds,
                         "time/step_s": seconds, "time/data_wait_share": data_seconds / seconds})
+        metrics["time/hooks_s"] = self.hooks_seconds  # of the previous step (its hooks ran after its metrics)
         if self.device.type == "cuda":
             metrics["memory/peak_gpu_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         # ETA from the mean step time of this process's steps so far (the first includes warm-up).
