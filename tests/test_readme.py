@@ -143,6 +143,8 @@ def test_readme_data_commands_run_verbatim(tmp_path, readme_out_lock):
     assert re.search(r"^loss/audio_cb7 +\d+\.\d+$", run.stdout, re.M)  # evaluate's table
     for layout in ("port", "boson"):
         assert (Path("/tmp/higgs-example-export") / layout / "model.safetensors").exists()
+    assert re.search(r"^loss/total +\d+\.\d{4} / ", run.stdout, re.M)  # compare_runs' table
+    assert (Path("/tmp/higgs-example-plots") / "loss.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
