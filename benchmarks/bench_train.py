@@ -12,8 +12,10 @@ the loop a user would write around transformers' HiggsAudioV2ForConditionalGener
     process, in a worker mode of this script that records VmRSS/VmHWM) on a model with the real vocabularies and
     hidden 1024, 2 layers (0.34 B parameters), ds_configs/cpu_zero3_fp32.json; the worker also sums the bytes of
     the ZeRO-3 partitions it finds in the engine (parameters, AdamW moments, gradient partition, reduce bucket).
-    Then the same two launches with reduce_bucket_size 5e7 (DeepSpeed's default is 5e8 elements, more than this
-    model: the whole unpartitioned gradient then waits in the bucket on every rank); --no-bucket-variant skips it.
+    Then the same launches with reduce_bucket_size 5e7 (DeepSpeed's default is 5e8 elements, more than this
+    model: the whole unpartitioned gradient then waits in the bucket on every rank), and with sub_group_size 5e7
+    too (the optimizer step's temporaries per sub-group); --no-bucket-variant skips both. All 1-rank launches run
+    first, the default 2-rank launch last; a launch killed for memory is retried for step 1 alone.
 (b) tokens/s with 2 ranks: our engine (higgs_ds.train.main under deepspeed, throughput/tps from OUT/metrics.jsonl)
     against a minimal DeepSpeed loop on transformers' HiggsAudioV2ForConditionalGeneration(use_text_head=True)
     with its own loss, same DeepSpeed JSON (deepspeed_config of the same run YAML), same AdamW, same shards and
@@ -25,7 +27,9 @@ the loop a user would write around transformers' HiggsAudioV2ForConditionalGener
 (c) the data-wait share of our step time (time/data_wait_share in OUT/metrics.jsonl).
 
 Each launch has its own process group; the final checkpoint is skipped in the worker (Trainer.save patched out:
-it is not what is measured, and its full-model gather on rank 0 would add to that rank's peak).
+it is not what is measured, and its full-model gather on rank 0 would add to that rank's peak). After each launch
+the script removes the /dev/shm buffers DeepSpeed 0.19.8's CPU shared-memory all-reduce leaves behind for its
+master port (66 MiB per rank per launch, never unlinked). Numbers swing with CPU contention: compare within a run.
 """
 from __future__ import annotations
 
@@ -124,9 +128,12 @@ def print_computed(c: dict) -> None:
           "fp32 grad partition 4):")
     for n, value in c["per_rank"].items():
         print(f"    N={n}: {value / GIB:7.1f} GiB per rank   ratio to N=1: {value / c['per_rank'][1]:.3f}")
+    extra = 4 * largest + 4 * min(5e8, total)
     print("  + per rank, not partitioned: the largest module gathered (4 B x largest = "
           f"{4 * largest / GIB:.2f} GiB) and the filled part of the reduce bucket (<= reduce_bucket_size x 4 B, "
-          f"5e8 by default = {5e8 * 4 / GIB:.2f} GiB)")
+          f"5e8 by default = {5e8 * 4 / GIB:.2f} GiB); with them N=2 / N=1 = "
+          f"{(c['per_rank'][2] + extra) / (c['per_rank'][1] + extra):.3f}, N=8 / N=1 = "
+          f"{(c['per_rank'][8] + extra) / (c['per_rank'][1] + extra):.3f}")
     print("  DeepSpeed estimate_zero3_model_states_mem_needs, 8 GPUs on 1 node (per GPU / per CPU):")
     for (opt, par), (cpu, gpu) in c["estimates"].items():
         fits = "fits" if gpu <= 80e9 else "does not fit"
@@ -196,6 +203,7 @@ def launch(ranks: int, worker: str, config: Path, out: Path, timeout: int) -> tu
     port = 29700 + os.getpid() % 200
     command = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(port),
                str(Path(__file__).resolve()), "--worker", worker, "--worker-out", str(out), "--config", str(config)]
+    print(f"  launch: {worker} on {ranks} rank(s), {config.stem}, load {os.getloadavg()[0]:.2f}", flush=True)
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
@@ -265,7 +273,6 @@ def worker_train(args, rest: list[str]) -> int:
         seen["hwm_before_steps"] = status("VmHWM")
         result = original_train(self)
         seen["state"] = zero3_state_bytes(self.engine, self.optimizer)
-        seen["trainer"] = self
         return result
 
     trainer.Trainer.__init__, trainer.Trainer.train = init, train
@@ -285,7 +292,7 @@ def worker_train(args, rest: list[str]) -> int:
     import torch
 
     report = {"rank": rank, "world": int(os.environ.get("WORLD_SIZE", 1)), "threads": torch.get_num_threads(),
-              **{k: v for k, v in seen.items() if k != "trainer"},
+              **seen,
               "peak_rss": status("VmHWM"), "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     (Path(args.worker_out) / f"bench.rank{rank}.json").write_text(json.dumps(report, indent=1))
     return code

@@ -497,6 +497,19 @@ class Trainer:
         return metrics
 
 
+def release_shared_memory() -> None:
+    """DeepSpeed 0.19.8's CPU shared-memory all-reduce leaves /dev/shm/deepspeed_allreduce_buffer_* behind (≈ 66 MiB
+    of RAM per rank and launch, never freed): after a last barrier each rank unlinks its own."""
+    import glob
+    import torch.distributed as dist
+
+    dist.barrier()
+    pattern = (f"/dev/shm/deepspeed_allreduce_buffer_{os.environ.get('LOCAL_RANK', '0')}_"
+               f"{os.environ.get('MASTER_ADDR', '*')}_{os.environ.get('MASTER_PORT', '*')}_*")
+    for path in glob.glob(pattern):
+        Path(path).unlink(missing_ok=True)
+
+
 def peak_rss_gib() -> float:
     """This process's peak resident memory (on a GPU, `torch.cuda.max_memory_allocated` tells the device's)."""
     import resource
@@ -550,9 +563,13 @@ def run(config: RunConfig, dry: bool = False, hooks: list[StepHook] = ()) -> int
         getattr(hook, "on_start", lambda step: None)(trainer.step)
     try:
         final = trainer.train()
+    except TrainingStopped:  # raised on every rank at the same step: they can still meet
+        release_shared_memory()
+        raise
     finally:
         for hook in trainer.hooks:
             getattr(hook, "close", lambda: None)()
+    release_shared_memory()
     if trainer.rank == 0:
         print(f"done: step {trainer.step}, checkpoints in {trainer.checkpoints}", flush=True)
         (out / "final_metrics.json").write_text(json.dumps(final, indent=1) + "\n")
