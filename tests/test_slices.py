@@ -80,3 +80,10 @@ def test_marked_sample_shows_learnable_spans_and_audio(tokenizer, tokens):
     assert re.search(r"<audio-out ×\d+>", text) and "⟦" in text and "⟧" in text
     assert "Again." in text  # the prompt is shown, unmarked
     assert not re.search(r"⟦[^⟧]*Again\.", text)
+
+
+def test_a_target_of_minus_100_is_shown_not_decoded(tokenizer, tokens):
+    batch, p = logged(tokenizer, tokens)
+    p["text_labels"] = p["text_labels"].clone()
+    p["text_labels"][0] = IGNORE
+    assert rows(text_table(p, tokenizer))[0][2] == "-100"

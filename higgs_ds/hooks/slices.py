@@ -20,6 +20,8 @@ def sample_of(positions: torch.Tensor, segment_ids: torch.Tensor, keys: list[str
 
 
 def _token(tokenizer, token_id: int) -> str:
+    if token_id < 0:  # -100: not learnable (only a planted unshifted loss logs such targets)
+        return str(token_id)
     text = tokenizer.decode([token_id]) if tokenizer is not None else f"#{token_id}"
     return text.replace("|", "\\|").replace("\n", "\\n") or "∅"
 

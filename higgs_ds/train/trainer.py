@@ -325,14 +325,11 @@ class Trainer:
         return values.cpu()
 
     def train(self) -> dict[str, float]:
+        """The loop: take the step's micro-batches, normalise by the global counts, step, report, evaluate, save."""
         import torch.distributed as dist
 
         t, k = self.config.train, self.setup.model_config.audio.num_codebooks
-        out = Path(t.out_dir)
-        trace = None
-        if t.trace_samples:
-            (out / "trace").mkdir(parents=True, exist_ok=True)
-            trace = open(out / "trace" / f"rank{self.rank}.jsonl", "a")
+        trace = self._open_trace()
         stream = self.micro_batches()
         metrics: dict[str, float] = {}
         failed = False
@@ -347,80 +344,24 @@ class Trainer:
                     self.save()
                 break
             data_time = time.perf_counter() - started
-            counts = [learnable_counts(b) for b in micro]
-            mine = torch.stack([torch.cat([c.text.reshape(1), c.audio]) for c in counts]).sum(0)
-            everyone = torch.zeros(self.world, k + 1, dtype=torch.long)
-            everyone[self.rank] = mine
-            everyone = self._all_reduce(everyone)
-            total = everyone.sum(0)
-            norm = LossNorm(text_tokens=float(total[0]), audio_tokens=total[1:].double(),
-                            grad_scale=float(self.world * t.grad_accum))
-            sums = torch.zeros(2 + 2 * k + 2, dtype=torch.float64)
-            predictions = None
+            everyone, norm = self._global_norm(micro)
             skipped_before = self.engine.skipped_steps
-            poison = str(self.step + 1) in os.environ.get("HIGGS_DS_TEST_NAN_STEPS", "").split(",")
-            for n, batch in enumerate(micro):
-                if len(micro) < t.grad_accum and n == len(micro) - 1:
-                    # The run's last, partial step (the data's last micro-batches): step the optimizer here. The
-                    # global LossNorm already normalises by this step's counts; grad_scale stays world × accum
-                    # because DeepSpeed still divides by its configured accumulation.
-                    self.engine.set_gradient_accumulation_boundary(True)
-                want = self.rank == 0 and n == len(micro) - 1 and bool(self.hooks) and self._wants_predictions()
-                result = self.engine(**batch.to(self.device).model_inputs(), loss_norm=norm,
-                                     return_predictions=want)
-                if poison and self.rank == 0:  # test-only: a non-finite loss on one rank
-                    result = result._replace(loss=result.loss * float("nan"))
-                self.engine.backward(result.loss)
-                self.engine.step()
-                sums += torch.cat([result.text_loss_sum.reshape(1).double().cpu(),
-                                   result.text_tokens.reshape(1).cpu(), result.audio_loss_sum.double().cpu(),
-                                   result.audio_tokens.double().cpu(),
-                                   torch.tensor([batch.num_tokens, len(batch.sample_keys)])])
-                if trace is not None:
-                    trace.write(json.dumps({"step": self.step + 1, "micro": n, "keys": batch.sample_keys}) + "\n")
-                    trace.flush()
-                if want:
-                    predictions = {key: getattr(result, key).cpu() for key in
-                                   ("text_predictions", "text_labels", "text_positions", "audio_predictions",
-                                    "audio_labels", "audio_frames", "audio_inputs")}
-                    # Which sample each logged row belongs to, and the batch's inputs to decode them.
-                    predictions.update(sample_keys=list(batch.sample_keys), input_ids=batch.input_ids,
-                                       label_ids=batch.label_ids, segment_ids=batch.segment_ids,
-                                       audio_out_mask=batch.audio_out_mask)
-            sums = self._all_reduce(sums)
+            sums, predictions = self._micro_steps(micro, norm, trace)
             self.step += 1
             # ZeRO (0.19.8) drops a step whose global gradient norm is not finite, on every rank alike (the norm is
             # global), and does not advance the schedule; we count it and stop after too many in a row.
             skipped = self.engine.skipped_steps > skipped_before
             self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
             self.skipped_total += int(skipped)
-            metrics = self._metrics(sums, k, time.perf_counter() - started, data_time)
+            metrics = self._metrics(self._all_reduce(sums), k, time.perf_counter() - started, data_time)
             metrics.update({"train/step_skipped": float(skipped), "train/skipped_steps": float(self.skipped_total)})
-            if skipped and self.rank == 0:
-                log.warning("step %d skipped: non-finite loss or gradient (loss %s); %d in a row", self.step,
-                            metrics["loss/total"], self.skipped_in_a_row)
-            stop = torch.zeros(1)
-            if self.rank == 0:
-                if self.step % t.log_every == 0 or self.step == self.total_steps:
-                    print(self._line(metrics), flush=True)
-                with open(out / "metrics.jsonl", "a") as handle:
-                    handle.write(json.dumps({"step": self.step, **metrics}) + "\n")
-                report = StepReport(self.step, self.total_steps, metrics, everyone.tolist(), predictions,
-                                    self.loader.stats())
-                hooks_started = time.perf_counter()
-                for hook in self.hooks:
-                    hook.on_step(report)
-                self.hooks_seconds = time.perf_counter() - hooks_started  # reported with the next step
-                requests = [hook.stop_requested() for hook in self.hooks]
-                reasons = [r for r in requests if isinstance(r, str)]
-                stop[0] = 2.0 if reasons else float(any(requests))  # 2: a guard's failure, 1: a clean stop
-                self.stop_reason = reasons[0] if reasons else None
+            stop = self._report(metrics, everyone, predictions, skipped) if self.rank == 0 else torch.zeros(1)
             if self.skipped_in_a_row >= t.max_skipped_steps:  # the same on every rank: the norm is global
                 raise TrainingStopped(f"stopping at step {self.step}: {self.skipped_in_a_row} steps in a row had a "
                                       "non-finite loss or gradient and were skipped (train.max_skipped_steps="
                                       f"{t.max_skipped_steps}); the newest checkpoint holds the last good weights")
             stop = stop.to(self.device)
-            dist.broadcast(stop, src=0)
+            dist.broadcast(stop, src=0)  # a hook's stop request reaches every rank
             last = self.step == self.total_steps or bool(stop.item())
             failed = stop.item() == 2.0
             if self.val_loader is not None and ((t.eval_every and self.step % t.eval_every == 0) or last):
@@ -434,6 +375,84 @@ class Trainer:
         if failed:  # every rank alike: the flag was broadcast
             raise TrainingStopped(self.stop_reason or "stopped by a guard on rank 0 (its message says why)")
         return metrics
+
+    def _open_trace(self):
+        if not self.config.train.trace_samples:
+            return None
+        (Path(self.config.train.out_dir) / "trace").mkdir(parents=True, exist_ok=True)
+        return open(Path(self.config.train.out_dir) / "trace" / f"rank{self.rank}.jsonl", "a")
+
+    def _global_norm(self, micro: list[Batch]) -> tuple[torch.Tensor, LossNorm]:
+        """Every rank's learnable counts of this step ([world, 1 + K], all-reduced) and the step's LossNorm."""
+        k = self.setup.model_config.audio.num_codebooks
+        counts = [learnable_counts(b) for b in micro]
+        everyone = torch.zeros(self.world, k + 1, dtype=torch.long)
+        everyone[self.rank] = torch.stack([torch.cat([c.text.reshape(1), c.audio]) for c in counts]).sum(0)
+        everyone = self._all_reduce(everyone)
+        total = everyone.sum(0)
+        norm = LossNorm(text_tokens=float(total[0]), audio_tokens=total[1:].double(),
+                        grad_scale=float(self.world * self.config.train.grad_accum))
+        return everyone, norm
+
+    def _micro_steps(self, micro: list[Batch], norm: LossNorm, trace) -> tuple[torch.Tensor, dict | None]:
+        """Forward, backward and engine.step of each micro-batch; this rank's loss sums/counts, and rank 0's
+        predictions of the last micro-batch when the hooks want them."""
+        t, k = self.config.train, self.setup.model_config.audio.num_codebooks
+        sums = torch.zeros(2 + 2 * k + 2, dtype=torch.float64)
+        predictions = None
+        poison = str(self.step + 1) in os.environ.get("HIGGS_DS_TEST_NAN_STEPS", "").split(",")
+        for n, batch in enumerate(micro):
+            if len(micro) < t.grad_accum and n == len(micro) - 1:
+                # The run's last, partial step (the data's last micro-batches): step the optimizer here. The
+                # global LossNorm already normalises by this step's counts; grad_scale stays world × accum
+                # because DeepSpeed still divides by its configured accumulation.
+                self.engine.set_gradient_accumulation_boundary(True)
+            want = self.rank == 0 and n == len(micro) - 1 and bool(self.hooks) and self._wants_predictions()
+            result = self.engine(**batch.to(self.device).model_inputs(), loss_norm=norm, return_predictions=want)
+            if poison and self.rank == 0:  # test-only: a non-finite loss on one rank
+                result = result._replace(loss=result.loss * float("nan"))
+            self.engine.backward(result.loss)
+            self.engine.step()
+            sums += torch.cat([result.text_loss_sum.reshape(1).double().cpu(), result.text_tokens.reshape(1).cpu(),
+                               result.audio_loss_sum.double().cpu(), result.audio_tokens.double().cpu(),
+                               torch.tensor([batch.num_tokens, len(batch.sample_keys)])])
+            if trace is not None:
+                trace.write(json.dumps({"step": self.step + 1, "micro": n, "keys": batch.sample_keys}) + "\n")
+                trace.flush()
+            if want:
+                predictions = {key: getattr(result, key).cpu() for key in
+                               ("text_predictions", "text_labels", "text_positions", "audio_predictions",
+                                "audio_labels", "audio_frames", "audio_inputs")}
+                # Which sample each logged row belongs to, and the batch's inputs to decode them.
+                predictions.update(sample_keys=list(batch.sample_keys), input_ids=batch.input_ids,
+                                   label_ids=batch.label_ids, segment_ids=batch.segment_ids,
+                                   audio_out_mask=batch.audio_out_mask)
+        return sums, predictions
+
+    def _report(self, metrics: dict, everyone: torch.Tensor, predictions: dict | None, skipped: bool) -> torch.Tensor:
+        """Rank 0: the step line, metrics.jsonl, the hooks; the stop flag (0 go on, 1 stop, 2 a guard failed)."""
+        t = self.config.train
+        if skipped:
+            log.warning("step %d skipped: non-finite loss or gradient (loss %s); %d in a row", self.step,
+                        metrics["loss/total"], self.skipped_in_a_row)
+        if self.step % t.log_every == 0 or self.step == self.total_steps:
+            print(self._line(metrics), flush=True)
+        with open(Path(t.out_dir) / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps({"step": self.step, **metrics}) + "\n")
+        report = StepReport(self.step, self.total_steps, metrics, everyone.tolist(), predictions, self.loader.stats())
+        hooks_started = time.perf_counter()
+        for hook in list(self.hooks):
+            try:
+                hook.on_step(report)
+            except Exception as exc:  # noqa: BLE001 - a broken hook must not take the run (and every rank) down
+                print(f"error: hook {type(hook).__name__} failed at step {self.step} and is switched off: "
+                      f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                self.hooks.remove(hook)
+        self.hooks_seconds = time.perf_counter() - hooks_started  # reported with the next step
+        requests = [hook.stop_requested() for hook in self.hooks]
+        reasons = [r for r in requests if isinstance(r, str)]
+        self.stop_reason = reasons[0] if reasons else None
+        return torch.tensor([2.0 if reasons else float(any(requests))])
 
     def _wants_predictions(self) -> bool:
         """Predictions (top-1 at logged rows) on the first step and at the slice and guard cadences only: on a GPU
