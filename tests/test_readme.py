@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import processes
 from higgs_ds.data.chatml import tokenize_chatml
 from higgs_ds.data.shards import Manifest
 from higgs_ds.data.tokens import AudioSettings, SpecialTokens
@@ -54,7 +55,7 @@ def code_env(cwd: Path) -> dict[str, str]:
     """The environment for commands run from `cwd`: PYTHONPATH only when the venv's install of the project is not
     this checkout (the commands must run this checkout's code)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    found = subprocess.run([str(venv_bin() / "python"), "-c", "import data_tools; print(data_tools.__file__)"],
+    found = processes.run([str(venv_bin() / "python"), "-c", "import data_tools; print(data_tools.__file__)"],
                            cwd=cwd, env=env, capture_output=True, text=True, timeout=120).stdout.strip()
     if not found.startswith(str(ROOT) + os.sep):
         env["PYTHONPATH"] = str(ROOT)
@@ -104,7 +105,7 @@ def test_readme_data_commands_run_verbatim(tmp_path, readme_out_lock):
     shutil.rmtree(OUT, ignore_errors=True)
     outputs = []
     for block in command_blocks():
-        run = subprocess.run(["bash", "-e", "-c", block], cwd=root, env=env, capture_output=True, text=True,
+        run = processes.run(["bash", "-e", "-c", block], cwd=root, env=env, capture_output=True, text=True,
                              timeout=600)
         assert run.returncode == 0, f"{block}\nstdout:\n{run.stdout}\nstderr:\n{run.stderr}"
         assert "Traceback" not in run.stderr, run.stderr
@@ -123,7 +124,7 @@ def test_readme_data_commands_run_verbatim(tmp_path, readme_out_lock):
 
 
     python = re.search(r"<!-- test: python-stream -->\s*```python\n(.*?)```", data_section(), re.S).group(1)
-    run = subprocess.run([str(venv_bin() / "python"), "-c", python], cwd=root, env=env, capture_output=True,
+    run = processes.run([str(venv_bin() / "python"), "-c", python], cwd=root, env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, f"{python}\nstdout:\n{run.stdout}\nstderr:\n{run.stderr}"
     lines = run.stdout.strip().splitlines()
@@ -134,7 +135,7 @@ def test_readme_data_commands_run_verbatim(tmp_path, readme_out_lock):
     # The training section's commands, verbatim, on the shards just built: dry run, 2-rank ZeRO-3 run, evaluation
     # and export.
     train = re.search(r"<!-- test: train-commands -->\s*```bash\n(.*?)```", section("Training"), re.S).group(1)
-    run = subprocess.run(["bash", "-e", "-c", train], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    run = processes.run(["bash", "-e", "-c", train], cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, f"{train}\nstdout:\n{run.stdout[-4000:]}\nstderr:\n{run.stderr[-4000:]}"
     plan = Path("/tmp/higgs-example-plan.json").read_text()
     assert json.loads(plan[plan.index("{\n"):])["data"]["samples"] == 20
@@ -157,7 +158,7 @@ def test_console_commands_from_outside_the_repository(tmp_path):
     assert build.exists() and shards.exists(), "console scripts missing: run ./setup.sh (pip install -e .)"
 
     def run(*command: str) -> subprocess.CompletedProcess:
-        done = subprocess.run([str(c) for c in command], cwd=outside, env=env, capture_output=True, text=True,
+        done = processes.run([str(c) for c in command], cwd=outside, env=env, capture_output=True, text=True,
                               timeout=600)
         assert "Traceback" not in done.stderr, done.stderr
         return done

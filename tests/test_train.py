@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from higgs_ds.data.tokens import AudioSettings, SpecialTokens
 from higgs_ds.model import HiggsAudioForTraining, LossNorm, learnable_counts, load_model, read_model_config
 from higgs_ds.model.checkpoint import save_checkpoint
 from higgs_ds.train import main as train_main
+import processes
 from higgs_ds.train.components import warmup_cosine
 from higgs_ds.train.export import main as export_main
 from test_stream import make_samples, write_split
@@ -89,8 +89,10 @@ def launch(config: Path, *overrides: str, env: dict | None = None, wait: bool = 
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        processes.kill_group(process)
         pytest.fail(f"launch timed out (a hang?): {command}")
+    finally:
+        processes.kill_group(process)  # stragglers of a finished launch
     return process.returncode, output
 
 
@@ -143,13 +145,15 @@ def test_kill_9_after_a_checkpoint_then_resume_continues_exactly(corpus, referen
     out = tmp_path / "run"
     config = write_yaml(tmp_path / "run.yaml", **base_config(corpus, out, save_every=2))
     process = launch(config, env={"HIGGS_DS_TEST_HANG_AFTER_SAVE": "4"}, wait=False)
-    deadline = time.time() + 300
-    while not all((out / f"saved.rank{r}").exists() for r in range(2)):
-        assert process.poll() is None, process.stdout.read()[-3000:]
-        assert time.time() < deadline, "no checkpoint at step 4"
-        time.sleep(0.5)
-    os.killpg(process.pid, signal.SIGKILL)  # kill -9 of the whole job
-    process.wait()
+    try:
+        deadline = time.time() + 300
+        while not all((out / f"saved.rank{r}").exists() for r in range(2)):
+            assert process.poll() is None, process.stdout.read()[-3000:]
+            assert time.time() < deadline, "no checkpoint at step 4"
+            time.sleep(0.5)
+    finally:
+        processes.kill_group(process)  # kill -9 of the whole job (and, on a failure, no process left behind)
+        process.wait()
     code, output = launch(config, "train.resume=auto")
     assert code == 0, output[-3000:]
     assert "resumed from" in output and "step00000004 at step 4" in output
@@ -407,8 +411,7 @@ def test_two_launchers_on_two_loopback_hosts_train_like_one(corpus, reference, t
         outputs = [p.communicate(timeout=300)[0] for p in launchers]
     finally:
         for p in launchers:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+            processes.kill_group(p)
     assert [p.returncode for p in launchers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     ref, got = losses(ref_out), losses(out)
     assert sorted(got) == sorted(ref)
@@ -442,7 +445,7 @@ def test_torchrun_on_shards_behind_a_url_trains_like_the_reference(corpus, refer
     config = write_yaml(tmp_path / "run.yaml", **config)
     # With a hook (the seam of the hooks issue) that records what rank 0 receives and asks to stop after step 2.
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
-    result = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
+    result = processes.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
                              str(28500 + os.getpid() % 400), str(ROOT / "launch" / "train.py"), "--config",
                              str(config), "train.max_steps=3", "train.hooks=[hooks_for_tests:RecordAndStop]"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
@@ -475,7 +478,7 @@ def test_resume_on_one_rank_from_two_restores_model_optimizer_and_the_rest_of_th
     command = [str(DEEPSPEED), "--num_gpus", "1", "--master_port", str(29450 + os.getpid() % 40),
                str(ROOT / "launch" / "train.py"), "--config", str(config), "train.resume=auto", "train.max_steps=null",
                "train.save_every=1", "train.keep_last=100"]
-    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    resumed = processes.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "saved on 2 ranks, running on 1: universal checkpoint" in resumed.stdout + resumed.stderr
     # Samples: steps 1-2 on two ranks, then the rest of the epoch on one rank.
@@ -548,7 +551,7 @@ def test_audio_only_recipe_trains_the_audio_path_and_leaves_the_rest_bit_identic
     config["model"] = {"pretrained": str(tmp_path / "start"), "tokenizer": str(TINY_TOKENIZER),
                        "activation_checkpointing": True}
     config = write_yaml(tmp_path / "run.yaml", **config)
-    result = subprocess.run([str(DEEPSPEED), "--num_gpus", "1", "--master_port", str(29350 + os.getpid() % 40),
+    result = processes.run([str(DEEPSPEED), "--num_gpus", "1", "--master_port", str(29350 + os.getpid() % 40),
                              str(ROOT / "launch" / "train.py"), "--config", str(config)], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -592,7 +595,7 @@ def test_slurm_template_runs_torchrun_per_node_in_a_fake_slurm_job(good, tmp_pat
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[1-1]",
            "SLURM_NNODES": "1", "SLURM_JOB_ID": "42", "GPUS_PER_NODE": "2",
            "MASTER_PORT": str(27500 + os.getpid() % 400)}
-    result = subprocess.run(["bash", str(ROOT / "launch" / "slurm_train.sh"), str(config), "train.max_steps=5",
+    result = processes.run(["bash", str(ROOT / "launch" / "slurm_train.sh"), str(config), "train.max_steps=5",
                              "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count('"micro_batches_per_epoch_per_rank"') == 2, "one dry run per torchrun rank"

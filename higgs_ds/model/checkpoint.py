@@ -43,17 +43,22 @@ SPLIT_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>embedding|linear)_(?P<part>fr
 # ------------------------------------------------------------------------------------------------ tensors
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor in a checkpoint directory, keys as stored."""
+def weight_files(path: str | Path) -> list[Path]:
+    """The weight files of a checkpoint directory: its index's shards, else *.safetensors, else pytorch_model*.bin."""
     path = Path(path)
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / index_name).exists():
-            files = sorted(set(json.loads((path / index_name).read_text())["weight_map"].values()))
-            return _read_files([path / name for name in files])
+            return [path / name for name in sorted(set(json.loads((path / index_name).read_text())["weight_map"]
+                                                       .values()))]
     for pattern in ("*.safetensors", "pytorch_model*.bin"):
         if files := sorted(path.glob(pattern)):
-            return _read_files(files)
+            return files
     raise FileNotFoundError(f"{path}: no model.safetensors, *.safetensors shards or pytorch_model*.bin found")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor in a checkpoint directory, keys as stored."""
+    return _read_files(weight_files(path))
 
 
 def _read_files(files: list[Path]) -> dict[str, torch.Tensor]:

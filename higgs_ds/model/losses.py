@@ -101,6 +101,21 @@ def objective(text_loss_sum: torch.Tensor, text_tokens: torch.Tensor, audio_loss
     return scale * _terms(text_loss_sum, text_norm, audio_loss_sum, audio_norm, config)[3]
 
 
+def loss_sums(text_loss_sum: torch.Tensor, text_tokens: torch.Tensor, audio_loss_sum: torch.Tensor,
+              audio_tokens: torch.Tensor) -> torch.Tensor:
+    """One float64 vector [text sum, text count, audio sums (K), audio counts (K)] on the sums' device: add it up
+    over micro-batches and batches, all-reduce it once, and read the means with `means_of_sums`."""
+    return torch.cat([text_loss_sum.reshape(1).double(), text_tokens.reshape(1).double(), audio_loss_sum.double(),
+                      audio_tokens.double()])
+
+
+def means_of_sums(sums: torch.Tensor, num_codebooks: int, config: "LossConfig") -> dict[str, float]:
+    """`loss_means` of a (summed, all-reduced) `loss_sums` vector, as floats."""
+    k = num_codebooks
+    means = loss_means(sums[0], sums[1], sums[2:2 + k], sums[2 + k:2 + 2 * k], config)
+    return {name: float(value) for name, value in means.items()}
+
+
 def loss_means(text_loss_sum: torch.Tensor, text_tokens: torch.Tensor, audio_loss_sum: torch.Tensor,
                audio_tokens: torch.Tensor, config: LossConfig) -> dict[str, torch.Tensor]:
     """Logged means (detached fp32), with the objective's own reduction; a term with no tokens logs 0."""

@@ -34,7 +34,7 @@ from ..model_config import HiggsModelConfig, as_model_config
 from . import heads
 from .heads import HeadLoss, LinearCrossEntropyHead
 from ..data.batch import IGNORE, BatchIndex, index_batch
-from .losses import LossConfig, LossNorm, loss_means, next_token_targets, objective
+from .losses import LossConfig, LossNorm, loss_means, loss_sums, next_token_targets, objective
 
 try:  # CUDA-only fused kernels; the torch path is the reference.
     from liger_kernel.ops.rms_norm import LigerRMSNormFunction
@@ -66,6 +66,10 @@ class HiggsAudioOutput(NamedTuple):
     text_positions: torch.Tensor | None = None  # [n] flat positions (row * L + column) the text rows predict from
     audio_frames: torch.Tensor | None = None  # [n] audio-out frame j (a column of audio_out_ids) predicting j + 1
     audio_inputs: torch.Tensor | None = None  # [n, K] the input codes at frame j (copy detection compares them)
+
+    def sums(self) -> torch.Tensor:
+        """This batch's losses.loss_sums vector (on the model's device: adding it up costs no host sync)."""
+        return loss_sums(self.text_loss_sum, self.text_tokens, self.audio_loss_sum, self.audio_tokens)
 
 
 @dataclass

@@ -13,7 +13,8 @@ from ..data.collator import Collator
 from ..data.shards import check_fingerprint, data_fingerprint
 from ..data.stream import ShardLoader
 from ..data.tokens import SpecialTokens
-from ..model import HiggsAudioForTraining, LossConfig, loss_means, read_model_config
+from ..model import HiggsAudioForTraining, LossConfig, read_model_config
+from ..model.losses import means_of_sums
 from . import checkpointing
 
 
@@ -42,11 +43,8 @@ def evaluate(checkpoint: Path, split: str, max_tokens: int | None = None) -> dic
     sums = torch.zeros(2 + 2 * k, dtype=torch.float64)
     with torch.no_grad():
         for batch in loader:
-            out = model(**batch.model_inputs())
-            sums += torch.cat([out.text_loss_sum.reshape(1).double(), out.text_tokens.reshape(1).double(),
-                               out.audio_loss_sum.double(), out.audio_tokens.double()])
-    means = loss_means(sums[0], sums[1], sums[2:2 + k], sums[2 + k:], model.loss_config)
-    result = {name: float(value) for name, value in means.items()}
+            sums += model(**batch.model_inputs()).sums()
+    result = means_of_sums(sums, k, model.loss_config)
     result.update({"tokens/text_learnable": int(sums[1]), "tokens/audio_learnable": int(sums[2 + k:].sum()),
                    **{key: value for key, value in loader.stats().items() if key.endswith("samples")}})
     return result

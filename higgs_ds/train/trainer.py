@@ -27,7 +27,8 @@ from ..data.packing import ceil_div
 from ..data.shards import FetchError, Manifest, check_fingerprint, data_fingerprint
 from ..data.stream import ShardLoader
 from ..data.tokens import SpecialTokens
-from ..model import HiggsAudioForTraining, LossConfig, LossNorm, learnable_counts, loss_means, read_model_config
+from ..model import HiggsAudioForTraining, LossConfig, LossNorm, learnable_counts, read_model_config
+from ..model.losses import means_of_sums
 from . import checkpointing
 from .components import apply_freeze, make_optimizer, param_groups, trainable_names, warmup_cosine
 from .config import RunConfig, RunConfigError, deepspeed_config, fingerprint
@@ -398,7 +399,8 @@ class Trainer:
         """Forward, backward and engine.step of each micro-batch; this rank's loss sums/counts, and rank 0's
         predictions of the last micro-batch when the hooks want them."""
         t, k = self.config.train, self.setup.model_config.audio.num_codebooks
-        sums = torch.zeros(2 + 2 * k + 2, dtype=torch.float64)
+        sums = torch.zeros(2 + 2 * k, dtype=torch.float64, device=self.device)  # losses.loss_sums, on the device
+        tokens = samples = 0
         predictions = None
         poison = str(self.step + 1) in os.environ.get("HIGGS_DS_TEST_NAN_STEPS", "").split(",")
         for n, batch in enumerate(micro):
@@ -413,9 +415,8 @@ class Trainer:
                 result = result._replace(loss=result.loss * float("nan"))
             self.engine.backward(result.loss)
             self.engine.step()
-            sums += torch.cat([result.text_loss_sum.reshape(1).double().cpu(), result.text_tokens.reshape(1).cpu(),
-                               result.audio_loss_sum.double().cpu(), result.audio_tokens.double().cpu(),
-                               torch.tensor([batch.num_tokens, len(batch.sample_keys)])])
+            sums += result.sums()  # no host sync per micro-batch: the step moves its sums once
+            tokens, samples = tokens + batch.num_tokens, samples + len(batch.sample_keys)
             if trace is not None:
                 trace.write(json.dumps({"step": self.step + 1, "micro": n, "keys": batch.sample_keys}) + "\n")
                 trace.flush()
@@ -427,7 +428,7 @@ class Trainer:
                 predictions.update(sample_keys=list(batch.sample_keys), input_ids=batch.input_ids,
                                    label_ids=batch.label_ids, segment_ids=batch.segment_ids,
                                    audio_out_mask=batch.audio_out_mask)
-        return sums, predictions
+        return torch.cat([sums, sums.new_tensor([tokens, samples])]), predictions
 
     def _report(self, metrics: dict, everyone: torch.Tensor, predictions: dict | None, skipped: bool) -> torch.Tensor:
         """Rank 0: the step line, metrics.jsonl, the hooks; the stop flag (0 go on, 1 stop, 2 a guard failed)."""
@@ -462,11 +463,9 @@ class Trainer:
         return step == 1 or any(step % e == 0 for e in every)
 
     def _metrics(self, sums: torch.Tensor, k: int, seconds: float, data_seconds: float) -> dict[str, float]:
-        text_sum, text_tokens = sums[0], sums[1]
-        audio_sum, audio_tokens = sums[2:2 + k], sums[2 + k:2 + 2 * k]
+        text_tokens, audio_tokens = sums[1], sums[2 + k:2 + 2 * k]
         tokens, samples = sums[2 + 2 * k], sums[3 + 2 * k]
-        metrics = {name: float(v) for name, v in loss_means(text_sum, text_tokens, audio_sum, audio_tokens,
-                                                            self.engine.module.loss_config).items()}
+        metrics = means_of_sums(sums, k, self.engine.module.loss_config)
         grad_norm = self.engine.get_global_grad_norm()
         learnable_positions = float(text_tokens + audio_tokens.sum() / k)  # audio: K labels per frame
         metrics.update({"tokens/total": float(tokens),
@@ -499,15 +498,12 @@ class Trainer:
         k = self.setup.model_config.audio.num_codebooks
         self.engine.eval()
         self.val_loader.set_epoch(0)
-        sums = torch.zeros(2 + 2 * k, dtype=torch.float64)
+        sums = torch.zeros(2 + 2 * k, dtype=torch.float64, device=self.device)
         for batch in self.val_loader:
-            out = self.engine(**batch.to(self.device).model_inputs())
-            sums += torch.cat([out.text_loss_sum.reshape(1).double().cpu(), out.text_tokens.reshape(1).cpu(),
-                               out.audio_loss_sum.double().cpu(), out.audio_tokens.double().cpu()])
-        sums = self._all_reduce(sums)
+            sums += self.engine(**batch.to(self.device).model_inputs()).sums()
+        means = means_of_sums(self._all_reduce(sums), k, self.engine.module.loss_config)
         self.engine.train()
-        means = loss_means(sums[0], sums[1], sums[2:2 + k], sums[2 + k:], self.engine.module.loss_config)
-        metrics = {f"eval/{name.split('/', 1)[1]}": float(v) for name, v in means.items()}
+        metrics = {f"eval/{name.split('/', 1)[1]}": value for name, value in means.items()}
         if self.rank == 0:
             print(f"eval step {self.step}: " + " ".join(f"{n} {v:.4f}" for n, v in metrics.items()
                                                           if "_cb" not in n), flush=True)

@@ -6,7 +6,6 @@ so a process holds one tensor — and, under ZeRO-3, that one parameter gathered
 rank 0 reads the data; `GatheredParameters(modifier_rank=0)` scatters what it wrote to every rank's partition."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Callable, Iterator
@@ -14,20 +13,18 @@ from typing import Callable, Iterator
 import torch
 from safetensors import safe_open
 
-from ..model.checkpoint import BOSON_TO_PORT, IGNORED_SUFFIXES, SPLIT_KEY, expected_shapes
+from ..model.checkpoint import BOSON_TO_PORT, IGNORED_SUFFIXES, SPLIT_KEY, expected_shapes, weight_files
 from ..model_config import HiggsModelConfig
 
 Source = tuple[Path, str]  # (safetensors file, stored key)
 
 
 def checkpoint_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        return [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path}: no model.safetensors or *.safetensors shards (streaming loads safetensors "
-                                "only; convert .bin checkpoints with higgs_ds.model.save_checkpoint first)")
+    """The checkpoint's safetensors files (checkpoint.weight_files), refusing .bin: only safetensors stream."""
+    files = weight_files(path)
+    if any(file.suffix != ".safetensors" for file in files):
+        raise FileNotFoundError(f"{path}: streaming loads safetensors only; convert .bin checkpoints with "
+                                "higgs_ds.model.save_checkpoint first")
     return files
 
 
