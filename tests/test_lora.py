@@ -57,3 +57,57 @@ def test_peft_wraps_exactly_the_targets_and_only_adapters_train():
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     assert any(".audio_mlp." in n for n in trainable), "the audio path gets adapters too"
     torch.testing.assert_close(m(**batch.model_inputs()).loss, before)  # B = 0: a fresh adapter changes nothing
+
+
+# ------------------------------------------------------------------------------------------------ merge and export
+
+def trained_lora(seed: int = 3):
+    """A LoRA model whose adapters and audio extras are non-zero (a fresh B = 0 would make every check trivial)."""
+    from higgs_ds.train.config import LoraSection
+    from higgs_ds.train.lora import apply_lora
+
+    m = model()
+    section = LoraSection(rank=4, alpha=8.0)
+    trainable = apply_lora(m, section)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in m.named_parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn(param.shape, generator=g))
+    return m, section, trainable
+
+
+def test_apply_lora_trains_exactly_the_adapters_and_the_audio_extras():
+    m, _, trainable = trained_lora()
+    extras = {n for n in trainable if ".lora_" not in n}
+    assert extras == {"model.embed_audio_tokens.embed_audio_tokens.weight", "audio_lm_head.weight"}
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == set(trainable)
+    assert len([n for n in trainable if ".lora_" in n]) == 2 * len(expected("attention", "text_mlp", "audio_mlp"))
+
+
+def test_merged_weights_give_the_unmerged_logits_and_differ_from_the_base(tmp_path):
+    from higgs_ds.model import load_model
+    from higgs_ds.model.checkpoint import save_checkpoint
+    from higgs_ds.train.lora import merged_state
+
+    base = model()
+    save_checkpoint(base.state_dict(), CONFIG, tmp_path / "base")
+    m, section, trainable = trained_lora()
+    params = dict(m.named_parameters())
+    merged = merged_state(tmp_path / "base", {n: params[n].detach() for n in trainable}, 8.0 / 4)
+    save_checkpoint(merged, CONFIG, tmp_path / "merged")
+    out = load_model(tmp_path / "merged")
+    g = torch.Generator().manual_seed(1)
+    batch = make_batch([[tts_sample(g, CONFIG, reference_frames=2, frames=4)],
+                        [[text(random_text(g, 5)), text(random_text(g, 4), labelled=True)]]], CONFIG)
+    m.eval()
+    with torch.no_grad():
+        want, got = m.logits(**batch.model_inputs()), out.logits(**batch.model_inputs())
+    torch.testing.assert_close(got.text, want.text, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.audio, want.audio, rtol=1e-5, atol=1e-5)
+    base_state, merged_weights = base.state_dict(), out.state_dict()
+    for name in expected("attention", "text_mlp", "audio_mlp"):
+        assert not torch.equal(merged_weights[f"{name}.weight"], base_state[f"{name}.weight"]), name
+    for name in ("model.norm.weight", "text_lm_head.weight", "model.embed_tokens.weight"):
+        assert torch.equal(merged_weights[name], base_state[name]), f"{name} is not trained: base bytes"
+    assert torch.equal(merged_weights["audio_lm_head.weight"], params["audio_lm_head.weight"])

@@ -48,6 +48,16 @@ def test_streamed_weights_equal_load_model_one_tensor_at_a_time(tmp_path, tokeni
         assert torch.equal(model.state_dict()[name], value), name
 
 
+def test_without_zero3_every_rank_reads_the_weights_itself(tokenizer):
+    """ZeRO-2 holds the whole model on every rank: rank 1 must load them too (it once got None)."""
+    expected = load_model(SPLIT, tokenizer=tokenizer)
+    config = read_model_config(SPLIT, tokenizer)
+    model = HiggsAudioForTraining(config)
+    load_pretrained(model, SPLIT, config, rank=1, zero3=False)
+    for name, value in expected.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+
 def test_a_checkpoint_that_does_not_fit_is_refused_before_reading(tmp_path, tokenizer):
     model = load_model(BOSON, tokenizer=tokenizer)
     state = model.state_dict()

@@ -37,8 +37,9 @@ def latest(directory: Path) -> Path | None:
 
 
 def save(engine, directory: Path, step: int, rank_state: dict[str, Any], client: dict[str, Any], rank: int,
-         keep_last: int, before_complete=None) -> Path:
-    """Every rank calls it. `rank_state` is this rank's (stream state, RNG); `client` is rank 0's."""
+         keep_last: int, before_complete=None, adapters_only: bool = False) -> Path:
+    """Every rank calls it. `rank_state` is this rank's (stream state, RNG); `client` is rank 0's. `adapters_only`
+    (LoRA): the trained parameters and their optimizer state only, no frozen base weights."""
     import torch.distributed as dist
 
     tag = tag_name(step)
@@ -46,7 +47,8 @@ def save(engine, directory: Path, step: int, rank_state: dict[str, Any], client:
     if rank == 0 and path.exists():  # a crashed earlier attempt at this step: start it over
         shutil.rmtree(path)
     dist.barrier()
-    engine.save_checkpoint(str(directory), tag=tag, client_state={"step": step}, save_latest=False)
+    engine.save_checkpoint(str(directory), tag=tag, client_state={"step": step}, save_latest=False,
+                          exclude_frozen_parameters=adapters_only)
     torch.save(rank_state, path / f"rank{rank}.pt")
     dist.barrier()
     if rank == 0:

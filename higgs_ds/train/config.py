@@ -17,6 +17,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..data.shards import is_remote
+from .lora import PRESETS as LORA_PRESETS
 
 FREEZE_RECIPES = ("none", "audio_only", "text_head_only")
 PRECISIONS = ("fp32", "bf16")
@@ -93,6 +94,20 @@ class TrainSection:
 
 
 @dataclass
+class LoraSection:
+    """LoRA adapters (PEFT, higgs_ds.train.lora) on the decoder's linear layers instead of full fine-tuning."""
+
+    rank: int = 0  # 0 = off (full fine-tuning, or train.freeze); > 0 = the adapters' rank
+    alpha: Optional[float] = None  # scaling alpha / rank; None: 2 × rank
+    dropout: float = 0.0
+    preset: str = "all_linear"  # attention | attention_text_mlp | all_linear (every decoder linear, both DualFFN paths)
+    targets: Optional[list[str]] = None  # instead of the preset: regexes of module names
+    # Parameters trained in full beside the adapters (regexes of parameter names); default: the audio embedding
+    # and the audio head (25 M at the release's widths). The 394 M text head/embedding work too, at full cost.
+    train_in_full: list[str] = field(default_factory=lambda: [r"^model\.embed_audio_tokens\.", r"^audio_lm_head\."])
+
+
+@dataclass
 class GuardSection:
     """Rank-0 guards (higgs_ds.hooks.guards): warn, or stop every rank with `strict`."""
 
@@ -111,6 +126,7 @@ class RunConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     guards: GuardSection = field(default_factory=GuardSection)
+    lora: LoraSection = field(default_factory=LoraSection)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -174,6 +190,16 @@ def check(config: RunConfig) -> None:
     need((d.max_tokens or 1) >= 1 and (d.batch_size or 1) >= 1, "data.max_tokens / data.batch_size", "must be >= 1")
     need(not m.leak_labels_for_tests or os.environ.get("HIGGS_DS_TESTING") == "1", "model.leak_labels_for_tests",
          "plants the unshifted-loss bug; it exists for the test suite only (HIGGS_DS_TESTING=1)")
+    lora = config.lora
+    need(lora.rank >= 0, "lora.rank", f"must be >= 0 (0 = off), got {lora.rank}")
+    if lora.rank:
+        need(m.pretrained is not None, "lora.rank", "LoRA adapts a pretrained checkpoint: set model.pretrained")
+        need(t.freeze == "none" and t.trainable is None, "lora.rank / train.freeze",
+             "with LoRA, what trains beside the adapters is lora.train_in_full (leave train.freeze=none, "
+             "train.trainable unset)")
+        need(0 <= lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lora.dropout}")
+        need(lora.targets is not None or lora.preset in LORA_PRESETS, "lora.preset",
+             f"expected one of {sorted(LORA_PRESETS)} (or lora.targets), got {lora.preset!r}")
     need(o.lr > 0 and 0 <= o.min_lr_ratio <= 1, "optim.lr / optim.min_lr_ratio", "need lr > 0, 0 <= ratio <= 1")
 
 

@@ -49,3 +49,122 @@ def inject_lora(model: torch.nn.Module, targets: list[str], rank: int, alpha: fl
     for param in model.parameters():
         param.requires_grad_(False)
     return inject_adapter_in_model(config, model)
+
+
+# ------------------------------------------------------------------------------------------------ the run's LoRA
+
+ADAPTER = ".lora_"  # PEFT's parameter names: <module>.lora_A.default.weight, <module>.lora_B.default.weight
+
+
+def alpha_of(section) -> float:
+    return section.alpha if section.alpha is not None else 2.0 * section.rank
+
+
+def select(model: torch.nn.Module, section) -> tuple[list[str], list[str]]:
+    """The run's LoRA target modules and the parameter names trained in full beside them (both checked)."""
+    targets = lora_targets(model, section.preset, section.targets, section.rank)
+    names = [name for name, _ in model.named_parameters()]
+    extras = []
+    for pattern in section.train_in_full:
+        found = [name for name in names if re.search(pattern, name)]
+        if not found:
+            raise ValueError(f"lora.train_in_full {pattern!r}: no parameter of the model matches (names look like "
+                             f"{names[0]}, {names[-1]})")
+        extras += [name for name in found if name not in extras]
+    return targets, extras
+
+
+def apply_lora(model: torch.nn.Module, section) -> list[str]:
+    """Inject the run's adapters (after the pretrained weights are in) and leave trainable exactly the adapters and
+    `train_in_full`; returns the trainable parameter names. Under ZeRO-3 call it outside `zero.Init`: PEFT's B = 0
+    initialisation would act on an empty partition there; deepspeed.initialize partitions the new parameters."""
+    targets, extras = select(model, section)
+    inject_lora(model, targets, section.rank, alpha_of(section), section.dropout)
+    for name, param in model.named_parameters():
+        param.requires_grad_(ADAPTER in name or name in extras)
+    return sorted(name for name, param in model.named_parameters() if param.requires_grad)
+
+
+def split_adapter_state(state: dict) -> tuple[dict, dict, dict]:
+    """A LoRA run's trained tensors → ({module: A}, {module: B}, {parameter: tensor trained in full})."""
+    a, b, full = {}, {}, {}
+    for key, value in state.items():
+        if m := re.match(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.default\.weight$", key):
+            (a if m["which"] == "A" else b)[m["module"]] = value
+        else:
+            full[key] = value
+    if a.keys() != b.keys():
+        raise ValueError(f"adapter state: lora_A and lora_B name different modules ({sorted(a.keys() ^ b.keys())})")
+    return a, b, full
+
+
+class Merged:
+    """A lazily merged weight (W + scaling · B A), computed when the export writes it; shape/dtype for planning."""
+
+    def __init__(self, base, a: torch.Tensor, b: torch.Tensor, scaling: float, shape: tuple[int, ...]):
+        self.base, self.a, self.b, self.scaling = base, a, b, scaling
+        self.shape, self.dtype = torch.Size(shape), torch.float32
+
+    def contiguous(self) -> torch.Tensor:
+        base = self.base().float()
+        return base + self.scaling * (_materialize(self.b).float() @ _materialize(self.a).float())
+
+
+class Lazy:
+    """A base weight read from the pretrained checkpoint when written (as fp32, like a full fine-tune's export)."""
+
+    def __init__(self, read, shape: tuple[int, ...]):
+        self.read, self.shape, self.dtype = read, torch.Size(shape), torch.float32
+
+    def contiguous(self) -> torch.Tensor:
+        return self.read().float().contiguous()
+
+
+def _materialize(tensor) -> torch.Tensor:
+    return tensor if isinstance(tensor, torch.Tensor) else tensor.contiguous()
+
+
+def merged_state(pretrained, trained: dict, scaling: float) -> dict:
+    """Port-layout full weights: the pretrained checkpoint's tensors (streamed, one at a time when written), each
+    LoRA target merged with its adapter, the parameters trained in full replaced by their trained values."""
+    from .weights import read_tensor, weight_plan
+
+    a, b, full = split_adapter_state(trained)
+    plan = weight_plan(pretrained)
+    unknown = sorted((full.keys() | {f"{m}.weight" for m in a}) - plan.keys())
+    if unknown:
+        raise ValueError(f"adapter checkpoint names tensors the pretrained checkpoint {pretrained} lacks: {unknown}")
+    state = {}
+    for name, (sources, shape) in plan.items():
+        module = name.removesuffix(".weight")
+        read = (lambda sources=sources: read_tensor(sources))
+        if name in full:
+            state[name] = full[name]
+        elif name.endswith(".weight") and module in a:
+            state[name] = Merged(read, a[module], b[module], scaling, shape)
+        else:
+            state[name] = Lazy(read, shape)
+    return state
+
+
+def save_peft_adapter(trained: dict, out, section, base_model: str) -> None:
+    """PEFT's format (adapter_config.json + adapter_model.safetensors) for transformers'
+    HiggsAudioV2ForConditionalGeneration: our module names are the port's, so keys map one to one; the parameters
+    trained in full go in as PEFT `modules_to_save`."""
+    from pathlib import Path
+
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    a, b, full = split_adapter_state(trained)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {f"base_model.model.{m}.lora_A.weight": _materialize(a[m]) for m in a}
+    tensors.update({f"base_model.model.{m}.lora_B.weight": _materialize(b[m]) for m in b})
+    tensors.update({f"base_model.model.{name}": _materialize(value) for name, value in full.items()})
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
+              str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = LoraConfig(r=section.rank, lora_alpha=alpha_of(section), lora_dropout=section.dropout,
+                        target_modules=sorted(a), modules_to_save=sorted({n.rsplit(".", 1)[0] for n in full}) or None,
+                        base_model_name_or_path=base_model)
+    config.save_pretrained(str(out))

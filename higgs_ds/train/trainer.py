@@ -32,6 +32,7 @@ from ..model.losses import means_of_sums
 from . import checkpointing
 from .components import apply_freeze, make_optimizer, param_groups, trainable_names, warmup_cosine
 from .config import RunConfig, RunConfigError, deepspeed_config, fingerprint
+from .lora import apply_lora, select as lora_select
 from .weights import load_pretrained, weight_plan
 
 log = logging.getLogger("higgs_ds.train")
@@ -104,7 +105,13 @@ def preflight(config: RunConfig, world_size: int) -> Setup:
             raise RunConfigError(f"model.pretrained: {exc}") from None
     with torch.device("meta"):
         names = [n for n, _ in HiggsAudioForTraining(model_config).named_parameters()]
-    if not trainable_names(names, config.train.freeze, config.train.trainable):
+    if config.lora.rank:
+        with torch.device("meta"):
+            try:
+                lora_select(HiggsAudioForTraining(model_config), config.lora)
+            except ValueError as exc:
+                raise RunConfigError(str(exc)) from None
+    elif not trainable_names(names, config.train.freeze, config.train.trainable):
         which = (f"train.trainable={config.train.trainable}" if config.train.trainable is not None
                  else f"train.freeze={config.train.freeze}")
         raise RunConfigError(f"{which}: no parameter of this model would train (names look like {names[0]}, "
@@ -123,8 +130,9 @@ def masking_preflight(config: RunConfig, tokenizer, names: list[str], max_sample
     learnable = {modality: sum(n for (_, m, kind), n in stats.items() if m == modality and kind == "learnable")
                  for modality in ("text", "audio-out")}
     trained = set(trainable_names(names, config.train.freeze, config.train.trainable))
-    heads = {"text": "text_lm_head.weight" in trained and config.model.text_weight > 0,
-             "audio-out": "audio_lm_head.weight" in trained and config.model.audio_weight > 0}
+    adapted = bool(config.lora.rank)  # the decoder's adapters learn from either loss
+    heads = {"text": (adapted or "text_lm_head.weight" in trained) and config.model.text_weight > 0,
+             "audio-out": (adapted or "audio_lm_head.weight" in trained) and config.model.audio_weight > 0}
     if not any(learnable[m] for m, on in heads.items() if on):
         wanted = " or ".join(m for m, on in heads.items() if on) or "anything"
         raise RunConfigError(f"data.train: the first {read} samples hold no learnable {wanted} token, which this "
@@ -204,7 +212,9 @@ class Trainer:
             model = HiggsAudioForTraining(setup.model_config, **kwargs)
         if m.pretrained is not None:
             load_pretrained(model, m.pretrained, setup.model_config, self.rank, setup.zero3)
-        self.trainable = apply_freeze(model, t.freeze, t.trainable)
+        # LoRA: adapters injected after the pretrained weights are in, outside zero.Init (lora.apply_lora)
+        self.trainable = (apply_lora(model, self.config.lora) if self.config.lora.rank
+                          else apply_freeze(model, t.freeze, t.trainable))
         if m.activation_checkpointing:
             model.gradient_checkpointing_enable()
 
@@ -243,7 +253,7 @@ class Trainer:
         client = {"step": self.step, "fingerprint": self.fingerprint, "world_size": self.world}
         crash = os.environ.get("HIGGS_DS_TEST_CRASH_IN_SAVE") == str(self.step)
         path = checkpointing.save(self.engine, self.checkpoints, self.step, state, client, self.rank,
-                                  self.config.train.keep_last,
+                                  self.config.train.keep_last, adapters_only=bool(self.config.lora.rank),
                                   before_complete=(lambda: os.kill(os.getpid(), signal.SIGKILL)) if crash else None)
         if os.environ.get("HIGGS_DS_TEST_HANG_AFTER_SAVE") == str(self.step):
             (Path(self.config.train.out_dir) / f"saved.rank{self.rank}").touch()  # a test kills us now (kill -9)
@@ -272,9 +282,13 @@ class Trainer:
             raise RunConfigError(f"train.resume {path}: saved by a run with another config (fingerprint "
                                  f"{client['fingerprint']} vs {self.fingerprint})")
         states = [checkpointing.load_rank_state(path, r) for r in range(self.saved_world)]
+        if self.saved_world != self.world and self.config.lora.rank:
+            raise RunConfigError(f"train.resume {path}: a LoRA checkpoint resumes on the world size it was saved "
+                                 f"on ({self.saved_world} ranks, this launch has {self.world})")
         if self.saved_world == self.world:
+            # LoRA: the checkpoint holds the trained parameters only; the base came from model.pretrained
             self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                        load_lr_scheduler_states=True)
+                                        load_lr_scheduler_states=True, load_module_strict=not self.config.lora.rank)
         else:
             universal = Path(self.config.train.out_dir) / "universal"
             if self.rank == 0 and not (universal / path.name / checkpointing.COMPLETE).exists():
@@ -311,6 +325,20 @@ class Trainer:
                      f" (saved on {self.saved_world} ranks, running on {self.world}: universal checkpoint, the "
                      "epoch's remaining samples re-planned)")
         return True
+
+    def dump_parameters(self, path: Path) -> None:
+        """Every parameter, gathered one at a time, into one safetensors file on rank 0 (tests: a LoRA
+        checkpoint holds no frozen weight to compare with)."""
+        import deepspeed
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for name, param in self.engine.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], enabled=self.setup.zero3):
+                if self.rank == 0:
+                    tensors[name] = param.detach().clone().cpu()
+        if self.rank == 0:
+            save_file(tensors, str(path))
 
     # ------------------------------------------------------------------------------------------ the loop
 
@@ -584,6 +612,8 @@ def run(config: RunConfig, dry: bool = False, hooks: list[StepHook] = ()) -> int
     finally:
         for hook in trainer.hooks:
             getattr(hook, "close", lambda: None)()
+    if dump := os.environ.get("HIGGS_DS_TEST_DUMP_WEIGHTS"):  # test-only: every parameter, frozen ones too
+        trainer.dump_parameters(Path(dump))
     release_shared_memory()
     if trainer.rank == 0:
         print(f"done: step {trainer.step}, checkpoints in {trainer.checkpoints}", flush=True)

@@ -2,8 +2,9 @@
 
 The checkpoint's safetensors headers give the plan: each port-layout weight and the stored tensor(s) it comes from
 (boson names renamed; upstream's split "partially frozen" halves concatenated). Tensors are then read one at a time,
-so a process holds one tensor — and, under ZeRO-3, that one parameter gathered — never a whole state dict. Only
-rank 0 reads the data; `GatheredParameters(modifier_rank=0)` scatters what it wrote to every rank's partition."""
+so a process holds one tensor — and, under ZeRO-3, that one parameter gathered — never a whole state dict. Under
+ZeRO-3 only rank 0 reads the data and `GatheredParameters(modifier_rank=0)` scatters what it wrote to every rank's
+partition; under ZeRO-2 every rank holds the whole model and reads it itself."""
 from __future__ import annotations
 
 import re
@@ -92,7 +93,7 @@ def load_pretrained(model: torch.nn.Module, path: str | Path, config: HiggsModel
         raise ValueError(f"{path}: checkpoint does not match the model config: {'; '.join(problems)}")
     params = dict(model.named_parameters())
     for name in sorted(plan):
-        tensor = read(plan[name][0]) if rank == 0 else None
+        tensor = read(plan[name][0]) if rank == 0 or not zero3 else None  # ZeRO-2: every rank holds it all
         if zero3:
             import deepspeed
 

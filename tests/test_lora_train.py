@@ -1,0 +1,213 @@
+"""LoRA under the engine (real 2-rank `deepspeed` launches, gloo, CPU): the run trains and changes only the adapters
+and the parameters trained in full; checkpoints hold only those; kill -9 and resume continue exactly; the export
+merges into both layouts and writes a PEFT adapter that transformers' port loads to the same logits; bad LoRA
+settings stop before any process group."""
+from __future__ import annotations
+
+import json
+import re
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import processes
+from conftest import TINY_TOKENIZER
+from higgs_ds.data.collator import Collator
+from higgs_ds.model import HiggsAudioForTraining, load_model, read_model_config
+from higgs_ds.model.checkpoint import save_checkpoint
+from higgs_ds.train import main as train_main
+from higgs_ds.train.config import LoraSection
+from higgs_ds.train.export import main as export_main
+from higgs_ds.train.lora import apply_lora
+from test_stream import make_samples
+from test_train import base_config, corpus, launch, losses, write_yaml  # noqa: F401 - corpus is a fixture
+
+LORA = {"rank": 4, "alpha": 8.0}
+EXTRAS = {"model.embed_audio_tokens.embed_audio_tokens.weight", "audio_lm_head.weight"}
+
+
+@pytest.fixture(scope="module")
+def pretrained(corpus, tokenizer, tmp_path_factory):
+    """A 'pretrained' checkpoint: the tiny model's random init with another seed, in the port layout."""
+    model_config = read_model_config(corpus / "model", tokenizer)
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("pretrained")
+    save_checkpoint(HiggsAudioForTraining(model_config).state_dict(), model_config, path)
+    return path
+
+
+def lora_config(corpus, pretrained, out, *, lora=None, **train) -> dict:
+    config = base_config(corpus, out, save_every=2, **train)
+    config["model"] = {"pretrained": str(pretrained), "tokenizer": str(TINY_TOKENIZER)}
+    config["optim"] = {"lr": 1e-2, "warmup_steps": 2}
+    config["lora"] = {**LORA, **(lora or {})}
+    return config
+
+
+@pytest.fixture(scope="module")
+def lora_run(corpus, pretrained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora")
+    config = write_yaml(out.parent / f"{out.name}.yaml", **lora_config(corpus, pretrained, out))
+    code, output = launch(config, env={"HIGGS_DS_TEST_DUMP_WEIGHTS": str(out / "final.safetensors")})
+    assert code == 0, output[-3000:]
+    return config, out, output
+
+
+@pytest.mark.slow
+def test_a_two_rank_zero3_lora_run_trains_only_the_adapters_and_extras(lora_run, pretrained):
+    _, out, _ = lora_run
+    steps = losses(out)
+    assert sorted(steps) == list(range(1, 8)) and steps[7] < steps[1] - 1.0, f"the loss must fall: {steps}"
+    base, final = load_file(str(pretrained / "model.safetensors")), load_file(str(out / "final.safetensors"))
+    adapters = {n for n in final if ".lora_" in n}
+    assert len(adapters) == 2 * 2 * 10, "A and B on 10 linear layers of each of the 2 decoder layers"
+    assert all(final[n].abs().sum() > 0 for n in adapters if ".lora_B." in n), "B has trained away from 0"
+    for name, value in base.items():
+        stored = name if name in final else name.replace(".weight", ".base_layer.weight")
+        if name in EXTRAS:
+            assert not torch.equal(final[stored], value), f"{name} is trained in full"
+        else:
+            assert torch.equal(final[stored], value), f"{name} is frozen and must stay bit-identical"
+
+
+@pytest.mark.slow
+def test_the_lora_checkpoint_holds_only_the_trained_parameters(lora_run, pretrained):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    _, out, _ = lora_run
+    tag = out / "checkpoints" / "step00000007"
+    state = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+    params = {n for n in state if ".lora_" in n or n in EXTRAS}
+    assert params == {n for n in state if not n.endswith("inv_freq")} and EXTRAS <= params
+    trained_bytes = sum(v.numel() * 4 for n, v in state.items() if n in params)
+    for rank in range(2):
+        states = torch.load(tag / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt", weights_only=True)
+        assert set(states["module"]) == params and states["frozen_param_shapes"] is None
+    stored = sum(f.stat().st_size for f in tag.rglob("*") if f.is_file())
+    # fp32 weights + 2 AdamW moments of the trained parameters, partitioned, + small headers and stream state
+    assert 3 * trained_bytes < stored < 3 * trained_bytes + 150_000, (stored, trained_bytes)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_of_a_lora_run_continues_exactly(corpus, pretrained, lora_run, tmp_path):
+    _, ref_out, _ = lora_run
+    out = tmp_path / "run"
+    config = write_yaml(tmp_path / "run.yaml", **lora_config(corpus, pretrained, out))
+    process = launch(config, env={"HIGGS_DS_TEST_HANG_AFTER_SAVE": "4"}, wait=False)
+    try:
+        deadline = time.time() + 300
+        while not all((out / f"saved.rank{r}").exists() for r in range(2)):
+            assert process.poll() is None, process.stdout.read()[-3000:]
+            assert time.time() < deadline, "no checkpoint at step 4"
+            time.sleep(0.5)
+    finally:
+        processes.kill_group(process)
+        process.wait()
+    code, output = launch(config, "train.resume=auto")
+    assert code == 0, output[-3000:]
+    assert "step00000004 at step 4" in output
+    ref, got = losses(ref_out), losses(out)
+    assert sorted(got) == sorted(ref)
+    for step in range(5, 8):
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-6), (step, got, ref)
+
+
+def unmerged(pretrained, trained: dict) -> HiggsAudioForTraining:
+    """The trained LoRA model in one process: pretrained weights, the run's adapters, the trained tensors."""
+    model = load_model(pretrained)
+    apply_lora(model, LoraSection(**LORA))
+    missing, unexpected = model.load_state_dict(trained, strict=False)
+    assert not unexpected and all(".lora_" not in n and n not in EXTRAS for n in missing)
+    return model.eval()
+
+
+@pytest.mark.slow
+def test_export_merges_into_both_layouts_and_writes_a_peft_adapter_for_the_port(lora_run, pretrained, tmp_path,
+                                                                                 tokenizer, tokens):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from peft import PeftModel
+    from transformers import HiggsAudioV2ForConditionalGeneration
+
+    from higgs_ds.model.port import port_inputs
+
+    _, out, _ = lora_run
+    assert export_main([str(out), "--out", str(tmp_path / "export"), "--layout", "all"]) == 0
+    state = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step00000007")
+    reference = unmerged(pretrained, {n: v for n, v in state.items() if ".lora_" in n or n in EXTRAS})
+    batch = Collator(tokens, reference.model_config.audio)(make_samples(6, tokenizer, tokens, seed=11))
+    with torch.no_grad():
+        want = reference.logits(**batch.model_inputs())
+    base = load_model(pretrained)
+    for layout in ("port", "boson"):
+        merged = load_model(tmp_path / "export" / layout)
+        with torch.no_grad():
+            got = merged.logits(**batch.model_inputs())
+        torch.testing.assert_close(got.text, want.text, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.audio, want.audio, rtol=1e-5, atol=1e-5)
+        weights = dict(merged.named_parameters())
+        assert not torch.equal(weights["model.layers.0.audio_mlp.up_proj.weight"],
+                               dict(base.named_parameters())["model.layers.0.audio_mlp.up_proj.weight"])
+
+    # The adapter alone onto transformers' port of the *pretrained* weights (missing keys are errors, not warnings).
+    save_checkpoint(base.state_dict(), base.model_config, tmp_path / "base_port")
+    port = HiggsAudioV2ForConditionalGeneration.from_pretrained(str(tmp_path / "base_port"), use_text_head=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r"(?is).*(missing|unexpected).*key")  # PEFT only warns
+        peft_model = PeftModel.from_pretrained(port, str(tmp_path / "export" / "peft")).eval()
+    adapter_config = json.loads((tmp_path / "export" / "peft" / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 4 and adapter_config["lora_alpha"] == 8.0
+    assert len(adapter_config["target_modules"]) == 20
+    inputs = {k: v for k, v in port_inputs(batch, port.config).items() if k not in ("labels", "audio_labels")}
+    with torch.no_grad():
+        hidden = peft_model.base_model.model.model(**inputs).last_hidden_state
+        text_logits = peft_model.base_model.model.text_lm_head(hidden)
+        audio_logits = peft_model.base_model.model.audio_lm_head(hidden[batch.audio_out_mask])
+    real = batch.attention_mask
+    torch.testing.assert_close(text_logits[real], want.text[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(audio_logits.view(want.audio.shape), want.audio, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_zero2_lora_run_with_activation_checkpointing_trains_and_keeps_the_base(corpus, pretrained, tmp_path):
+    ds = json.loads((Path(__file__).resolve().parents[1] / "ds_configs" / "cpu_zero3_fp32.json").read_text())
+    ds["zero_optimization"] = {"stage": 2}
+    (tmp_path / "zero2.json").write_text(json.dumps(ds))
+    config = lora_config(corpus, pretrained, tmp_path / "out", max_steps=3, deepspeed=str(tmp_path / "zero2.json"))
+    config["model"]["activation_checkpointing"] = True
+    config = write_yaml(tmp_path / "run.yaml", **config)
+    code, output = launch(config, env={"HIGGS_DS_TEST_DUMP_WEIGHTS": str(tmp_path / "final.safetensors")})
+    assert code == 0, output[-3000:]
+    steps = losses(tmp_path / "out")
+    assert steps[3] < steps[1], steps
+    base, final = load_file(str(pretrained / "model.safetensors")), load_file(str(tmp_path / "final.safetensors"))
+    for name, value in base.items():
+        stored = name if name in final else name.replace(".weight", ".base_layer.weight")
+        assert torch.equal(final[stored], value) != (name in EXTRAS), name
+    assert all(final[n].abs().sum() > 0 for n in final if ".lora_B." in n)
+    code, output = launch(config, "train.resume=auto", "train.max_steps=4")
+    assert code == 0 and "at step 3" in output, output[-3000:]
+
+
+BAD_LORA = {
+    "no module": (["lora.targets=[^model\\.nothing$]"], r"no module of the model matches"),
+    "rank too wide": (["lora.rank=17"], r"lora rank 17 is larger than model\.layers\.0\.self_attn\.k_proj's width"),
+    "preset": (["lora.preset=everything"], r"lora.preset: expected one of"),
+    "extras match nothing": (["lora.train_in_full=[^nope$]"], r"lora.train_in_full '\^nope\$': no parameter"),
+    "with freeze": (["train.freeze=audio_only"], r"what trains beside the adapters is lora.train_in_full"),
+    "random init": (["model.pretrained=null", "model.config={corpus}/model"], r"set model.pretrained"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LORA))
+def test_bad_lora_settings_fail_before_any_process_group(corpus, pretrained, tmp_path, capsys, case):
+    overrides, message = BAD_LORA[case]
+    config = write_yaml(tmp_path / "run.yaml", **lora_config(corpus, pretrained, tmp_path / "out"))
+    assert train_main(["--config", str(config), *(o.format(corpus=corpus) for o in overrides)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert re.search(message, err[0]), err[0]
+    assert not torch.distributed.is_initialized()
