@@ -140,10 +140,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             if not Path(path).is_file():
                 raise RunConfigError(f"--config {path}: no such file")
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            _absolute_paths(merged, Path(path).resolve().parent)  # a YAML's relative paths: from its own folder
         for item in overrides:
             if "=" not in item:
                 raise RunConfigError(f"override {item!r}: expected section.key=value")
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        _absolute_paths(merged, Path.cwd())  # an override's: from where the command runs
         config: RunConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         where = f"{path} + overrides" if path is not None else "overrides"
@@ -151,6 +153,20 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         raise RunConfigError(f"{where}: {key + ': ' if key else ''}{str(exc).splitlines()[0]}") from None
     check(config)
     return config
+
+
+PATH_KEYS = ("model.pretrained", "model.config", "model.tokenizer", "data.train", "data.val", "train.out_dir",
+             "train.deepspeed", "train.resume")
+
+
+def _absolute_paths(merged, base: Path) -> None:
+    """Relative local paths → absolute against `base`, so a run works from any folder and the config it saves
+    (OUT/config.json, read by export and evaluate) names the same files from anywhere."""
+    for key in PATH_KEYS:
+        value = OmegaConf.select(merged, key, throw_on_missing=False)
+        if (isinstance(value, str) and value and not os.path.isabs(value) and not is_remote(value)
+                and not (key == "train.resume" and value in ("none", "auto"))):
+            OmegaConf.update(merged, key, os.path.normpath(base / value))
 
 
 def check(config: RunConfig) -> None:
