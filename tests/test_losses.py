@@ -235,3 +235,25 @@ def test_a_batch_without_a_modality_logs_zero_not_nan():
                              CONFIG).model_inputs())
     assert out.audio_tokens.tolist() == [0] * CONFIG.num_codebooks and out.metrics["loss/audio"] == 0
     assert torch.isfinite(out.loss) and out.text_tokens == 3
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_forward_and_backward_leave_every_batch_tensor_untouched(checkpointing):
+    """DESIGN §7 "in-place label mutation": the model reads the batch and never writes to it."""
+    import dataclasses
+
+    from model_helpers import mixed_packed_batch
+
+    torch.manual_seed(0)
+    model = HiggsAudioForTraining(CONFIG)
+    randomize(model)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    batch = mixed_packed_batch(CONFIG, seed=3, pad_to=64)
+    before = {f.name: getattr(batch, f.name).clone() for f in dataclasses.fields(batch)
+              if isinstance(getattr(batch, f.name), torch.Tensor)}
+    assert before["label_ids"].ne(-100).any() and before["audio_out_labels"].ne(-100).any()
+    out = model(**batch.model_inputs(), return_predictions=True)
+    out.loss.backward()
+    for name, value in before.items():
+        assert torch.equal(getattr(batch, name), value), f"{name} changed in the forward/backward"

@@ -571,8 +571,8 @@ def load_hook(spec: str):
         raise RunConfigError(f"train.hooks: {spec!r} is not an importable module:Class ({exc})") from None
 
 
-def run(config: RunConfig, dry: bool = False, hooks: list[StepHook] = ()) -> int:
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+def run(config: RunConfig, dry: bool = False, hooks: list[StepHook] = (), world_size: int | None = None) -> int:
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", 1))
     setup = preflight(config, world_size)  # before any process group: bad configs stop every rank here
     for spec in config.train.hooks:
         load_hook(spec)
@@ -632,13 +632,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="run YAML (higgs_ds.train.config.RunConfig)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config, data plan and memory "
                                                                "estimate, then exit (no process group)")
+    parser.add_argument("--world-size", type=int, help="with --dry-run: plan the data and estimate memory for this "
+                                                          "many GPUs (default: this launch's world size)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the launcher's
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         config = load_config(args.config, args.overrides)
-        return run(config, dry=args.dry_run)
+        if args.world_size is not None and (not args.dry_run or args.world_size < 1):
+            raise RunConfigError("--world-size N (N >= 1) goes with --dry-run")
+        return run(config, dry=args.dry_run, world_size=args.world_size)
     except RunConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
