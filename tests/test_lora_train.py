@@ -24,7 +24,7 @@ from higgs_ds.train.config import LoraSection
 from higgs_ds.train.export import main as export_main
 from higgs_ds.train.lora import apply_lora
 from test_stream import make_samples
-from test_train import base_config, corpus, launch, losses, write_yaml  # noqa: F401 - corpus is a fixture
+from test_train import base_config, corpus, launch, losses, no_leftover_shared_memory, write_yaml  # noqa: F401 - fixtures
 
 LORA = {"rank": 4, "alpha": 8.0}
 EXTRAS = {"model.embed_audio_tokens.embed_audio_tokens.weight", "audio_lm_head.weight"}
@@ -210,4 +210,27 @@ def test_bad_lora_settings_fail_before_any_process_group(corpus, pretrained, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert re.search(message, err[0]), err[0]
+    assert not torch.distributed.is_initialized()
+
+
+def test_the_dry_run_counts_adapters_and_extras_as_trainable_and_the_rest_as_frozen(corpus, pretrained, tmp_path,
+                                                                                    capsys, tokenizer):
+    from higgs_ds.train.memory import model_states_estimate
+
+    config = write_yaml(tmp_path / "run.yaml", **lora_config(corpus, pretrained, tmp_path / "out"))
+    assert train_main(["--config", str(config), "--dry-run", "--world-size", "4"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index("{\n"):])
+    model = load_model(pretrained)
+    apply_lora(model, LoraSection(**LORA))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    assert (report["model"]["trainable_parameters"], report["model"]["parameters"]) == (trainable, total)
+    estimate = report["memory_estimate"]
+    want = model_states_estimate(total, trainable, report["model"]["largest_layer_parameters"], 4, stage=3,
+                                 precision="fp32")
+    assert estimate["device_bytes"] == want["device_bytes"] and estimate["gpus_per_node"] == 4
+    full = model_states_estimate(total, total, report["model"]["largest_layer_parameters"], 4, precision="fp32")
+    assert estimate["device_bytes"] < full["device_bytes"]
+    assert "memory: ZeRO-3 fp32 4 GPU(s)" in out
     assert not torch.distributed.is_initialized()

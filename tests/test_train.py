@@ -388,7 +388,8 @@ def test_dry_run_prints_the_plan_and_memory_estimate(good, tmp_path, capsys):
     report = json.loads(out[out.index("{\n"):])  # after DeepSpeed's own log lines
     assert report["data"]["samples"] == 80 and report["data"]["steps"] == 3
     assert report["deepspeed"]["gradient_accumulation_steps"] == 2
-    assert report["model"]["parameters"] > 0 and report["zero3_memory_estimate_per_gpu"]["gpu_bytes"] > 0
+    assert report["model"]["parameters"] == report["model"]["trainable_parameters"] > 0  # full fine-tuning
+    assert report["memory_estimate"]["device_bytes"] > 0
     assert not torch.distributed.is_initialized()
 
 
@@ -634,9 +635,11 @@ def test_every_shipped_deepspeed_config_passes_the_dry_run(good, tmp_path, capsy
                        f"train.precision={precision}"]) == 0
     out = capsys.readouterr().out
     report = json.loads(out[out.index("{\n"):])
-    estimate = report["zero3_memory_estimate_per_gpu"]
+    estimate = report["memory_estimate"]
     assert estimate["offload_optimizer"] == ("offload" in ds_file)
     assert estimate["offload_param"] == ("offload_all" in ds_file)
+    assert estimate["stage"] == (2 if "zero2" in ds_file else 3) and estimate["precision"] == precision
+    assert f"memory: {estimate['summary']}" in out
     assert report["deepspeed"]["train_micro_batch_size_per_gpu"] == 1
 
 

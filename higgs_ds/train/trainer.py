@@ -159,31 +159,34 @@ def make_loader(setup: Setup, split: str, rank: int, train: bool, agree_min=None
 
 
 def dry_run(setup: Setup) -> dict[str, Any]:
-    """The resolved config, the data plan and DeepSpeed's ZeRO-3 memory estimate, without a process group."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    """The resolved config, the data plan and the model-state memory per GPU (higgs_ds.train.memory: frozen and
+    LoRA parameters counted as such, unlike DeepSpeed's estimator), without a process group."""
+    from .memory import count_params, format_estimate, model_states_estimate
 
     loader = make_loader(setup, setup.config.data.train, rank=0, train=True)
     manifest = loader.manifest
     per_epoch = [len(loader) if e == 0 else loader.plan(e).batches_per_slot * loader.workers
                  for e in range(setup.config.train.epochs)]
+    t = setup.config.train
     with torch.device("meta"):
         model = HiggsAudioForTraining(setup.model_config)
-    total = sum(p.numel() for p in model.parameters())
-    largest = max(sum(p.numel() for p in layer.parameters()) for layer in
-                  [*model.model.layers, model.text_lm_head, model.model.embed_tokens])
+        if setup.config.lora.rank:
+            apply_lora(model, setup.config.lora)
+        else:
+            apply_freeze(model, t.freeze, t.trainable)
+    counts = count_params(model)
     zero = setup.ds.get("zero_optimization", {})
     offload = {key: zero.get(key, {}).get("device", "none") != "none" for key in ("offload_optimizer", "offload_param")}
-    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's estimator prints a table of its own
-        cpu_bytes, gpu_bytes, _ = estimate_zero3_model_states_mem_needs(
-            total, largest, num_gpus_per_node=setup.world_size, cpu_offload=offload["offload_optimizer"],
-            cpu_offload_params=offload["offload_param"])
+    estimate = model_states_estimate(counts.total, counts.trainable, counts.largest_layer, setup.world_size,
+                                     stage=zero.get("stage", 3), precision=t.precision, **offload)
+    estimate["summary"] = format_estimate(estimate)
     return {"config": setup.config.to_dict(), "deepspeed": setup.ds,
             "data": {"samples": manifest.totals["samples"], "expanded_tokens": manifest.totals["expanded_tokens"],
                      "micro_batches_per_epoch_per_rank": per_epoch,
                      "steps": total_steps(setup.config, sum(per_epoch))},
-            "model": {"parameters": total, "largest_layer_parameters": largest},
-            "zero3_memory_estimate_per_gpu": {"gpu_bytes": int(gpu_bytes), "cpu_bytes": int(cpu_bytes),
-                                              "gpus": setup.world_size, **offload}}
+            "model": {"parameters": counts.total, "trainable_parameters": counts.trainable,
+                      "largest_layer_parameters": counts.largest_layer},
+            "memory_estimate": estimate}
 
 
 def total_steps(config: RunConfig, micro_batches: int) -> int:
@@ -547,8 +550,9 @@ def release_shared_memory() -> None:
     import torch.distributed as dist
 
     dist.barrier()
-    pattern = (f"/dev/shm/deepspeed_allreduce_buffer_{os.environ.get('LOCAL_RANK', '0')}_"
-               f"{os.environ.get('MASTER_ADDR', '*')}_{os.environ.get('MASTER_PORT', '*')}_*")
+    # shm.cpp names them deepspeed_allreduce_buffer_{uid}_{master addr}_{master port}_{local rank}
+    pattern = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '*')}_"
+               f"{os.environ.get('MASTER_PORT', '*')}_{os.environ.get('LOCAL_RANK', '0')}")
     for path in glob.glob(pattern):
         Path(path).unlink(missing_ok=True)
 
@@ -579,7 +583,9 @@ def run(config: RunConfig, dry: bool = False, hooks: list[StepHook] = (), world_
     if int(os.environ.get("RANK", 0)) == 0:
         print(setup.masking, flush=True)
     if dry:
-        print(json.dumps(dry_run(setup), indent=1, default=str))
+        report = dry_run(setup)
+        print(f"memory: {report['memory_estimate']['summary']}", flush=True)
+        print(json.dumps(report, indent=1, default=str))
         return 0
     import deepspeed
     import torch.distributed as dist
