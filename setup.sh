@@ -2,7 +2,11 @@
 # Creates .venv with everything higgs-ds needs (CPU torch 2.13.0 pinned; see requirements.txt) and installs the
 # project into it (editable). Idempotent: rerunning it reuses the venv.
 set -euo pipefail
-cd "$(dirname "$0")"
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+    echo "usage: ./setup.sh   create or update .venv (CPU torch 2.13.0, requirements.txt, the project editable)"
+    exit 0
+fi
+cd "$(dirname "$(readlink -f "$0")")"
 python3 -m venv .venv
 .venv/bin/pip install -q -r requirements.txt
 # The project itself, editable: `import higgs_ds` and the console commands (higgs-build-shards, higgs-shards) work

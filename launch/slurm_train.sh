@@ -10,8 +10,14 @@
 #SBATCH --cpus-per-task=32
 #SBATCH --output=%x-%j.out
 set -euo pipefail
+USAGE="usage: sbatch [--nodes N] launch/slurm_train.sh RUN.yaml [section.key=value ...] [--dry-run]
+Train with higgs-ds on a SLURM allocation: one torchrun per node (srun), rendezvous on the job's first node."
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+    echo "$USAGE"
+    exit 0
+fi
 if [[ $# -lt 1 ]]; then
-    echo "usage: sbatch [--nodes N] launch/slurm_train.sh RUN.yaml [section.key=value ...] [--dry-run]" >&2
+    echo "$USAGE" >&2
     exit 2
 fi
 CONFIG=$1

@@ -1,5 +1,9 @@
-"""The README's data commands run verbatim on examples/tiny, the console commands run from outside the repository,
-and examples/tiny is what examples/tiny/make_example.py writes (a codes shape the example's model config accepts)."""
+"""The docs run: every fenced block of README.md and docs/*.md carries a `<!-- test: KIND -->` marker, and each
+kind has a runner here — the CPU commands run verbatim from the repository root, one chain in the docs' order (data
+→ stream → training → LoRA → loading the export → comparing → TensorBoard); GPU, multi-node and SLURM commands are
+validated with --dry-run (`dry-run` blocks; sbatch under a fake SLURM); the ChatML examples build into shards. So
+docs and tests cannot drift apart. Also: every command's --help, console commands from outside the repository, and
+examples/tiny is what examples/tiny/make_example.py writes."""
 from __future__ import annotations
 
 import ast
@@ -8,9 +12,12 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -24,24 +31,25 @@ from higgs_ds.model_config import read_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "tiny"
-MARKER = "<!-- test: data-commands -->"
-OUT = Path("/tmp/higgs-example-shards")  # where the README's commands write
+OUT = Path("/tmp/higgs-example-shards")  # where the docs' commands write
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+KINDS = {"top-commands", "data-commands", "python-stream", "chatml", "train-commands", "lora-commands",
+         "python-load", "compare-commands", "tensorboard", "dry-run"}
+BLOCK = re.compile(r"(?:<!-- test: (?P<kind>[\w-]+) -->\s*)?```(?P<lang>\w*)\n(?P<code>.*?)```", re.S)
 
 
-def section(title: str) -> str:
-    text = (ROOT / "README.md").read_text()
-    start = text.index(f"\n## {title}")
-    end = text.find("\n## ", start + 1)
-    return text[start:end if end != -1 else None]
+def blocks(kind: str | None = None) -> list[tuple[Path, str | None, str]]:
+    """(file, marker kind, code) of every fenced block in the docs but ```text ones (a file tree), in order; or only
+    those of one kind."""
+    found = [(path, m["kind"], m["code"]) for path in DOCS for m in BLOCK.finditer(path.read_text())
+             if m["lang"] != "text"]
+    return [b for b in found if kind is None or b[1] == kind]
 
 
-def data_section() -> str:
-    return section("Data")
-
-
-def command_blocks() -> list[str]:
-    """The fenced bash blocks of the data section that follow the marker comment."""
-    return [m.group(1) for m in re.finditer(re.escape(MARKER) + r"\s*```bash\n(.*?)```", data_section(), re.S)]
+def code(kind: str) -> str:
+    found = blocks(kind)
+    assert len(found) == 1, f"expected one {kind!r} block, found {len(found)}"
+    return found[0][2]
 
 
 def venv_bin() -> Path:
@@ -85,32 +93,53 @@ def readme_out_lock():
         fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def test_every_data_command_block_is_tested():
-    section = data_section()
-    blocks = command_blocks()
-    assert blocks, f"no {MARKER} bash block in the README's data section"
-    assert section.count("```bash") == len(blocks), "every bash block of the data section is marked (and run)"
-    text = (ROOT / "README.md").read_text()
+def test_every_block_of_the_docs_is_marked_and_every_kind_has_a_block():
+    unmarked = [(path.name, code_[:60]) for path, kind, code_ in blocks() if kind is None]
+    assert unmarked == [], "every fenced block needs a <!-- test: KIND --> marker (and a runner here)"
+    assert {kind for _, kind, _ in blocks()} == KINDS
+    text = "".join(path.read_text() for path in DOCS)
     assert "shards.py" not in text and "from_model_config" not in text, "stale names"
-    assert "read_model_config(" in section
-    training = globals()["section"]("Training")
-    assert training.count("```bash") == training.count("<!-- test: train-commands -->") == 1
+    for ref in re.findall(r"tests/(test_\w+\.py)(?:::(\w+))?", text):  # the troubleshooting table's tests
+        source = (ROOT / "tests" / ref[0]).read_text()
+        assert not ref[1] or f"def {ref[1]}(" in source, ref
+    for name in re.findall(r"(?:recipes|ds_configs)/[\w.]+\.(?:yaml|json)", text):
+        assert (ROOT / name).is_file(), name
+    assert {f"recipes/{p.name}" for p in (ROOT / "recipes").glob("*.yaml")} <= set(
+        re.findall(r"recipes/[\w.]+\.yaml", "".join(c for *_, c in blocks("dry-run")))), \
+        "every recipe is in a dry-run block"
+    for link in re.findall(r"\]\(((?:docs/)?[\w/.-]+\.(?:md|png))\)", text):
+        assert any((base / link).exists() for base in (ROOT, ROOT / "docs")), link
+
+
+def test_the_top_commands_are_the_demo_and_the_tests():
+    assert [line.split("#")[0].strip() for line in code("top-commands").splitlines()] == ["./demo.sh", "./test.sh"]
+    assert "./test.sh" in (ROOT / ".ci" / "run").read_text().splitlines()[-1]
+    # demo.sh end to end is tests/test_demo.py (short form); ./test.sh is what CI runs.
 
 
 @pytest.mark.slow
-@pytest.mark.slow
-def test_readme_data_commands_run_verbatim(tmp_path, readme_out_lock):
+def test_the_docs_cpu_commands_run_verbatim_in_order(tmp_path, readme_out_lock):
     root = repo_root_with_venv(tmp_path)
     env = code_env(root)
     shutil.rmtree(OUT, ignore_errors=True)
-    outputs = []
-    for block in command_blocks():
-        run = processes.run(["bash", "-e", "-c", block], cwd=root, env=env, capture_output=True, text=True,
-                             timeout=600)
-        assert run.returncode == 0, f"{block}\nstdout:\n{run.stdout}\nstderr:\n{run.stderr}"
-        assert "Traceback" not in run.stderr, run.stderr
-        outputs.append(run.stdout)
-    out = "".join(outputs)
+
+    def bash(kind: str, timeout: int = 900) -> str:
+        outputs = []
+        for _, _, block in blocks(kind):
+            run = processes.run(["bash", "-e", "-c", block], cwd=root, env=env, capture_output=True, text=True,
+                                 timeout=timeout)
+            assert run.returncode == 0, f"{block}\nstdout:\n{run.stdout[-4000:]}\nstderr:\n{run.stderr[-4000:]}"
+            assert "Traceback" not in run.stderr, run.stderr
+            outputs.append(run.stdout)
+        return "".join(outputs)
+
+    def python(kind: str) -> list[str]:
+        run = processes.run([str(venv_bin() / "python"), "-c", code(kind)], cwd=root, env=env, capture_output=True,
+                             text=True, timeout=600)
+        assert run.returncode == 0, f"{code(kind)}\nstdout:\n{run.stdout}\nstderr:\n{run.stderr}"
+        return run.stdout.strip().splitlines()
+
+    out = bash("data-commands")
     train, val = Manifest.load(OUT / "train"), Manifest.load(OUT / "val")
     assert (train.totals["samples"], val.totals["samples"]) == (20, 4)  # --val-every 6 of 24
     assert f"train: {len(train.shards)} shards; samples 20," in out and "val: 1 shards; samples 4," in out
@@ -122,30 +151,189 @@ def test_readme_data_commands_run_verbatim(tmp_path, readme_out_lock):
     with np.load("/tmp/higgs-example-batch.npz", allow_pickle=False) as batch:
         assert len(batch["sample_keys"]) == 4
 
-
-    python = re.search(r"<!-- test: python-stream -->\s*```python\n(.*?)```", data_section(), re.S).group(1)
-    run = processes.run([str(venv_bin() / "python"), "-c", python], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, f"{python}\nstdout:\n{run.stdout}\nstderr:\n{run.stderr}"
-    lines = run.stdout.strip().splitlines()
+    lines = python("python-stream")
     stats = ast.literal_eval(lines[-1])  # the dict printed by loader.stats()
     assert stats["planned_samples"] == stats["seen_samples"] == 20 and stats["dropped_samples"] == 0
     assert sum(len(ast.literal_eval(line.split(") ", 1)[1])) for line in lines[:-1] if "<blank>" not in line) == 20
 
-    # The training section's commands, verbatim, on the shards just built: dry run, 2-rank ZeRO-3 run, evaluation
-    # and export.
-    train = re.search(r"<!-- test: train-commands -->\s*```bash\n(.*?)```", section("Training"), re.S).group(1)
-    run = processes.run(["bash", "-e", "-c", train], cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, f"{train}\nstdout:\n{run.stdout[-4000:]}\nstderr:\n{run.stderr[-4000:]}"
+    out = bash("train-commands")  # dry run, 2-rank ZeRO-3 run, evaluation, export, comparison
     plan = Path("/tmp/higgs-example-plan.json").read_text()
     assert json.loads(plan[plan.index("{\n"):])["data"]["samples"] == 20
     steps = [json.loads(line) for line in Path("/tmp/higgs-example-run/metrics.jsonl").read_text().splitlines()]
     assert len(steps) >= 4 and steps[-1]["loss/total"] < steps[0]["loss/total"]
-    assert re.search(r"^loss/audio_cb7 +\d+\.\d+$", run.stdout, re.M)  # evaluate's table
+    assert re.search(r"^loss/audio_cb7 +\d+\.\d+$", out, re.M)  # evaluate's table
     for layout in ("port", "boson"):
         assert (Path("/tmp/higgs-example-export") / layout / "model.safetensors").exists()
-    assert re.search(r"^loss/total +\d+\.\d{4} / ", run.stdout, re.M)  # compare_runs' table
+    assert re.search(r"^loss/total +\d+\.\d{4} / ", out, re.M)  # compare_runs' table
     assert (Path("/tmp/higgs-example-plots") / "loss.png").stat().st_size > 10_000
+
+    bash("lora-commands")  # LoRA from the export, then merged + PEFT export
+    lora = [json.loads(line) for line in Path("/tmp/higgs-example-lora/metrics.jsonl").read_text().splitlines()]
+    assert lora[-1]["loss/total"] < lora[0]["loss/total"]
+    for layout in ("port/model.safetensors", "boson/model.safetensors", "peft/adapter_model.safetensors"):
+        assert (Path("/tmp/higgs-example-lora-export") / layout).exists(), layout
+    assert python("python-load")[-1].split()[::2] == ["HiggsAudioV2ForConditionalGeneration", "4"]
+
+    assert "/tmp/higgs-example-run" in bash("compare-commands")
+
+    # TensorBoard, as the docs open it, on the example run: it serves the run's scalars.
+    command = code("tensorboard").split("#")[0].replace("OUT", "/tmp/higgs-example-run").strip()
+    server = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=root, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline, tags = time.time() + 120, {}
+        while time.time() < deadline and "loss/audio" not in json.dumps(tags):
+            time.sleep(1)
+            try:
+                tags = json.load(urllib.request.urlopen("http://localhost:6006/data/plugin/scalars/tags", timeout=5))
+            except OSError:
+                pass
+        assert "loss/audio" in json.dumps(tags), tags
+    finally:
+        processes.kill_group(server)
+
+
+def test_the_chatml_examples_of_the_docs_build_into_shards(tmp_path):
+    samples = [json.loads(block) for _, _, block in blocks("chatml")]
+    assert {s["id"].split("-")[0] for s in samples} == {"tts", "clone", "scene", "asr"}
+    (tmp_path / "codes").mkdir()
+    rng = np.random.default_rng(0)
+    for sample in samples:
+        for message in sample["messages"]:
+            items = message["content"] if isinstance(message["content"], list) else [message["content"]]
+            for item in items:
+                if isinstance(item, dict) and item["type"] == "audio":
+                    np.save(tmp_path / item["audio_url"], rng.integers(0, 1024, (8, 20), dtype=np.int16))
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    env = code_env(tmp_path)
+    run = processes.run([str(venv_bin() / "higgs-build-shards"), str(tmp_path / "samples.jsonl"), "--tokenizer",
+                         str(EXAMPLE / "tokenizer"), "--model-config", str(EXAMPLE), "--out", str(tmp_path / "out"),
+                         "--val-fraction", "0"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    inspect = processes.run([str(venv_bin() / "higgs-shards"), "inspect", str(tmp_path / "out" / "train"), "--key",
+                             "clone-0001", "--tokenizer", str(EXAMPLE / "tokenizer")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert inspect.returncode == 0 and "<audio-out T=20 not trained>" in inspect.stdout, inspect.stdout
+    assert Manifest.load(tmp_path / "out" / "train").totals["samples"] == 4
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory):
+    """What the GPU commands' $CKPT and $SHARDS stand for here: a tiny boson-layout checkpoint with its tokenizer,
+    and shards built for it."""
+    import torch
+
+    from higgs_ds.model import HiggsAudioForTraining
+    from higgs_ds.model.checkpoint import save_checkpoint
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("stand_ins")
+    config = read_model_config(EXAMPLE, AutoTokenizer.from_pretrained(str(EXAMPLE / "tokenizer")))
+    torch.manual_seed(0)
+    save_checkpoint(HiggsAudioForTraining(config).state_dict(), config, root / "ckpt", layout="boson")
+    for name in (EXAMPLE / "tokenizer").iterdir():
+        shutil.copy2(name, root / "ckpt" / name.name)
+    run = processes.run([str(venv_bin() / "higgs-build-shards"), str(EXAMPLE / "samples.jsonl"), "--tokenizer",
+                         str(root / "ckpt"), "--model-config", str(root / "ckpt"), "--out", str(root / "shards"),
+                         "--val-every", "6"], cwd=root, env=code_env(root), capture_output=True, text=True,
+                        timeout=300)
+    assert run.returncode == 0, run.stderr
+    return root
+
+
+def as_dry_run(command: list[str], cwd: Path) -> list[str]:
+    """A launcher command of the docs → the same training command as one `--dry-run` process for its world size."""
+    python = str(venv_bin() / "python")
+    launcher, args = Path(command[0]).name, command[1:]
+    if launcher == "python":
+        assert "--dry-run" in args
+        return [python, *args]
+    script = next(i for i, a in enumerate(args) if a.endswith((".py", ".sh")))
+    options, rest = args[:script], args[script + 1:]
+
+    def option(name: str, default: str | None = None) -> str | None:
+        return options[options.index(name) + 1] if name in options else default
+
+    if launcher == "deepspeed":
+        hostfile = option("--hostfile")
+        world = (sum(int(line.split("slots=")[1]) for line in (cwd / hostfile).read_text().splitlines() if line)
+                 if hostfile else int(option("--num_gpus", "1")))
+    elif launcher == "torchrun":
+        world = int(option("--nnodes", "1")) * int(option("--nproc_per_node", "1"))
+    else:
+        assert launcher == "sbatch" and args[script] == "launch/slurm_train.sh"
+        world, rest = int(option("--nodes", "1")) * 8, ["--config", *rest]  # the template's 8 GPUs per node
+    assert args[script] in ("launch/train.py", "launch/slurm_train.sh"), args[script]
+    return [python, "launch/train.py", *rest, "--dry-run", "--world-size", str(world)]
+
+
+def docs_commands(kind: str, values: dict[str, str]) -> list[str]:
+    """The command lines of the docs' blocks of `kind`, continuation lines joined, $CKPT/$SHARDS as in `values`."""
+    commands = []
+    for _, _, block in blocks(kind):
+        for line in block.replace("\\\n", " ").splitlines():
+            if not line.strip() or re.match(r"^(CKPT|SHARDS)=", line):
+                continue  # the test's stand-ins replace the docs' example paths
+            for name, value in values.items():
+                line = line.replace(f"${name}", value)
+            commands.append(line)
+    return commands
+
+
+@pytest.mark.slow
+def test_the_docs_gpu_and_cluster_commands_pass_the_dry_run(stand_ins, tmp_path):
+    root = repo_root_with_venv(tmp_path)
+    env = code_env(root)
+    values = {"CKPT": str(stand_ins / "ckpt"), "SHARDS": str(stand_ins / "shards")}
+    seen = set()
+    for line in docs_commands("dry-run", values):
+        command = shlex.split(line)
+        if command[0] == "printf":  # the hostfile
+            subprocess.run(["bash", "-c", line], check=True, cwd=root)
+            continue
+        dry = as_dry_run(command, root)
+        run = processes.run(dry, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, f"{command}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+        report = json.loads(run.stdout[run.stdout.index("{\n"):])
+        world = int(dry[-1]) if "--world-size" in dry else 1
+        estimate = report["memory_estimate"]
+        assert estimate["gpus_per_node"] == world and f"memory: ZeRO-{estimate['stage']}" in run.stdout
+        recipe = Path(dry[dry.index("--config") + 1]).name
+        trainable, total = report["model"]["trainable_parameters"], report["model"]["parameters"]
+        assert (trainable < total) == (recipe.startswith(("lora", "audio_only"))), recipe
+        seen.add((Path(command[0]).name, recipe))
+    assert {launcher for launcher, _ in seen} == {"python", "deepspeed", "torchrun", "sbatch"}
+    # sbatch's template itself, under a fake SLURM (one node, one 'GPU'): its torchrun reaches train.py.
+    sbatch = next(shlex.split(c) for c in docs_commands("dry-run", values) if c.startswith("sbatch"))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\n[ \"$1 $2\" = 'show hostnames' ] && echo localhost\n")
+    (bin_dir / "srun").write_text("#!/bin/sh\nwhile [ \"${1#--}\" != \"$1\" ]; do shift; done\nexec \"$@\"\n")
+    for tool in ("scontrol", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    slurm_env = {**env, "PATH": f"{bin_dir}:{env['PATH']}", "SLURM_JOB_NODELIST": "node[1-1]", "SLURM_NNODES": "1",
+                 "SLURM_JOB_ID": "42", "GPUS_PER_NODE": "1", "MASTER_PORT": str(26500 + os.getpid() % 400)}
+    script = sbatch.index("launch/slurm_train.sh")
+    run = processes.run(["bash", *sbatch[script:], "--dry-run"], cwd=root, env=slurm_env, capture_output=True,
+                        text=True, timeout=300)
+    assert run.returncode == 0 and '"micro_batches_per_epoch_per_rank"' in run.stdout, run.stderr[-3000:]
+
+
+COMMANDS = [["launch/train.py"], ["launch/evaluate.py"], ["launch/export.py"], ["launch/compare_runs.py"],
+            ["-m", "data_tools.build_shards"], ["-m", "data_tools.shard_tools"], ["examples/demo/generate.py"],
+            ["examples/tiny/make_example.py"], ["docs/make_screenshot.py"]]
+SCRIPTS = ["demo.sh", "test.sh", "setup.sh", "launch/slurm_train.sh"]
+
+
+@pytest.mark.parametrize("command", COMMANDS + SCRIPTS, ids=str)
+def test_every_command_has_help_that_says_what_it_does(command, tmp_path):
+    argv = ["bash", str(ROOT / command)] if isinstance(command, str) else [str(venv_bin() / "python"), *[
+        str(ROOT / c) if c.endswith(".py") else c for c in command]]
+    run = processes.run([*argv, "--help"], cwd=tmp_path, env=code_env(tmp_path), capture_output=True, text=True,
+                        timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.lower().startswith("usage") and len(run.stdout.split()) > 12, run.stdout
+    assert list(tmp_path.iterdir()) == [], "--help writes nothing"
 
 
 @pytest.mark.slow

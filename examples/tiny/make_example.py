@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -126,4 +125,9 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE)
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the tiny example data set (24 ChatML samples, their codes, "
+                                     "a tiny tokenizer and model config) into a folder.")
+    parser.add_argument("out", nargs="?", type=Path, default=HERE, help="output folder (default: next to this file)")
+    main(parser.parse_args().out)
