@@ -27,7 +27,6 @@ import importlib
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import subprocess
@@ -43,27 +42,26 @@ from bench_train import CPU_DS, DEEPSPEED, GIB, LaunchFailed, boson_config, stat
 
 PRESETS = ("attention", "attention_text_mlp", "all_linear")
 RANK, ALPHA = 16, 32
-EXTRAS = re.compile(r"^(model\.embed_audio_tokens\.|audio_lm_head\.)")  # trained in full alongside the adapters
 MEASURED = boson_config(512, 2, 1376, 8, 2)  # real vocabularies, small backbone (bench_step's widths)
 
 
 def build(raw: dict, variant: str):
     """HiggsAudioForTraining in the current device / zero.Init context; LoRA + extras unless variant == 'full'."""
     from higgs_ds.model import HiggsAudioForTraining, read_model_config
-    from higgs_ds.train.lora import inject_lora, lora_targets
 
     model = HiggsAudioForTraining(read_model_config(raw))
     if variant != "full":
-        lora_extras(model, variant, inject_lora, lora_targets)
+        lora_extras(model, variant)
     return model
 
 
-def lora_extras(model, preset, inject_lora, lora_targets) -> None:
-    inject_lora(model, lora_targets(model, preset, rank=RANK), RANK, ALPHA)  # freezes everything else
-    extras = [p for n, p in model.named_parameters() if EXTRAS.search(n)]
-    assert extras, "the audio embedding / audio head names changed"
-    for p in extras:
-        p.requires_grad_(True)
+def lora_extras(model, preset) -> None:
+    """The engine's own LoRA setup (higgs_ds.train.lora.apply_lora): adapters + the default extras trained in full
+    (audio embedding and audio head), everything else frozen."""
+    from higgs_ds.train.config import LoraSection
+    from higgs_ds.train.lora import apply_lora
+
+    apply_lora(model, LoraSection(rank=RANK, alpha=ALPHA, preset=preset))
 
 
 # ---------------------------------------------------------------------------------------------------- (a)
@@ -140,10 +138,8 @@ def worker(args) -> int:
     report: dict = {"rank": rank, "world": world, "variant": args.worker}
     adapters = []
     if args.worker != "full":
-        from higgs_ds.train.lora import inject_lora, lora_targets
-
         torch.manual_seed(100 + rank)  # PEFT's lora_A init differs per rank: does initialize broadcast rank 0's?
-        lora_extras(model, args.worker, inject_lora, lora_targets)
+        lora_extras(model, args.worker)
         adapters = [p for n, p in model.named_parameters() if ".lora_" in n]
         probe = next(p for n, p in model.named_parameters() if ".lora_A." in n)
         probe_init = probe.detach().clone()

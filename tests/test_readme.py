@@ -233,7 +233,13 @@ def stand_ins(tmp_path_factory):
     save_checkpoint(HiggsAudioForTraining(config).state_dict(), config, root / "ckpt", layout="boson")
     for name in (EXAMPLE / "tokenizer").iterdir():
         shutil.copy2(name, root / "ckpt" / name.name)
-    run = processes.run([str(venv_bin() / "higgs-build-shards"), str(EXAMPLE / "samples.jsonl"), "--tokenizer",
+    samples = []  # the example's samples 10 times over (absolute codes paths): enough for 16 ranks' slots
+    for copy in range(10):
+        for line in (EXAMPLE / "samples.jsonl").read_text().splitlines():
+            sample = json.loads(line.replace('"codes/', f'"{EXAMPLE}/codes/'))
+            samples.append(json.dumps({**sample, "id": f"{sample['id']}-{copy}"}))
+    (root / "samples.jsonl").write_text("\n".join(samples) + "\n")
+    run = processes.run([str(venv_bin() / "higgs-build-shards"), str(root / "samples.jsonl"), "--tokenizer",
                          str(root / "ckpt"), "--model-config", str(root / "ckpt"), "--out", str(root / "shards"),
                          "--val-every", "6"], cwd=root, env=code_env(root), capture_output=True, text=True,
                         timeout=300)
@@ -264,7 +270,10 @@ def as_dry_run(command: list[str], cwd: Path) -> list[str]:
         assert launcher == "sbatch" and args[script] == "launch/slurm_train.sh"
         world, rest = int(option("--nodes", "1")) * 8, ["--config", *rest]  # the template's 8 GPUs per node
     assert args[script] in ("launch/train.py", "launch/slurm_train.sh"), args[script]
-    return [python, "launch/train.py", *rest, "--dry-run", "--world-size", str(world)]
+    # The stand-in shards are small (200 training samples): a small budget gives each of the world's slots a batch
+    # (the recipes' budgets are for real data; the data plan is not what this checks).
+    small = ["data.max_tokens=256", "data.pack_length=256", "data.num_workers=1"]
+    return [python, "launch/train.py", *rest, *small, "--dry-run", "--world-size", str(world)]
 
 
 def docs_commands(kind: str, values: dict[str, str]) -> list[str]:

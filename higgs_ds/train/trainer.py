@@ -7,8 +7,6 @@ Every logged value is all-reduced. Rank 0 hands each step's values to the hooks 
 request reaches every rank through a broadcast flag."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import os
@@ -161,25 +159,11 @@ def make_loader(setup: Setup, split: str, rank: int, train: bool, agree_min=None
 def dry_run(setup: Setup) -> dict[str, Any]:
     """The resolved config, the data plan and the model-state memory per GPU (higgs_ds.train.memory: frozen and
     LoRA parameters counted as such, unlike DeepSpeed's estimator), without a process group."""
-    from .memory import count_params, format_estimate, model_states_estimate
-
     loader = make_loader(setup, setup.config.data.train, rank=0, train=True)
     manifest = loader.manifest
     per_epoch = [len(loader) if e == 0 else loader.plan(e).batches_per_slot * loader.workers
                  for e in range(setup.config.train.epochs)]
-    t = setup.config.train
-    with torch.device("meta"):
-        model = HiggsAudioForTraining(setup.model_config)
-        if setup.config.lora.rank:
-            apply_lora(model, setup.config.lora)
-        else:
-            apply_freeze(model, t.freeze, t.trainable)
-    counts = count_params(model)
-    zero = setup.ds.get("zero_optimization", {})
-    offload = {key: zero.get(key, {}).get("device", "none") != "none" for key in ("offload_optimizer", "offload_param")}
-    estimate = model_states_estimate(counts.total, counts.trainable, counts.largest_layer, setup.world_size,
-                                     stage=zero.get("stage", 3), precision=t.precision, **offload)
-    estimate["summary"] = format_estimate(estimate)
+    counts, estimate = model_memory(setup.model_config, setup.config, setup.ds, setup.world_size)
     return {"config": setup.config.to_dict(), "deepspeed": setup.ds,
             "data": {"samples": manifest.totals["samples"], "expanded_tokens": manifest.totals["expanded_tokens"],
                      "micro_batches_per_epoch_per_rank": per_epoch,
@@ -187,6 +171,27 @@ def dry_run(setup: Setup) -> dict[str, Any]:
             "model": {"parameters": counts.total, "trainable_parameters": counts.trainable,
                       "largest_layer_parameters": counts.largest_layer},
             "memory_estimate": estimate}
+
+
+def model_memory(model_config, config: RunConfig, ds: dict, world_size: int):
+    """Parameter counts (trainable as the run trains them: LoRA, a freeze recipe) and the model-state estimate per
+    GPU for `world_size` GPUs, on a meta-device model."""
+    from .memory import count_params, format_estimate, model_states_estimate
+
+    t = config.train
+    with torch.device("meta"):
+        model = HiggsAudioForTraining(model_config)
+        if config.lora.rank:
+            apply_lora(model, config.lora)
+        else:
+            apply_freeze(model, t.freeze, t.trainable)
+    counts = count_params(model)
+    zero = ds.get("zero_optimization", {})
+    offload = {key: zero.get(key, {}).get("device", "none") != "none" for key in ("offload_optimizer", "offload_param")}
+    estimate = model_states_estimate(counts.total, counts.trainable, counts.largest_layer, world_size,
+                                     stage=zero.get("stage", 3), precision=t.precision, **offload)
+    estimate["summary"] = format_estimate(estimate)
+    return counts, estimate
 
 
 def total_steps(config: RunConfig, micro_batches: int) -> int:
