@@ -1,12 +1,26 @@
 #!/usr/bin/env bash
-# Creates .venv with everything higgs-ds needs (CPU torch 2.13.0 pinned; see requirements.txt) and installs the
-# project into it (editable). Idempotent: rerunning it reuses the venv.
+# Creates .venv with everything higgs-ds needs (torch 2.13.0 pinned; see requirements.txt) and installs the project
+# into it (editable). Idempotent, from any folder. After a complete setup it writes .venv/.higgs-ds-setup, a hash of
+# requirements.txt, pyproject.toml and this script; when that matches and the venv imports this checkout's higgs_ds
+# with torch and deepspeed, it only says so. An interrupted setup leaves no stamp, so the next run repairs it.
 set -euo pipefail
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-    echo "usage: ./setup.sh   create or update .venv (CPU torch 2.13.0, requirements.txt, the project editable)"
+    echo "usage: ./setup.sh   create, update or repair .venv (torch 2.13.0, requirements.txt, the project editable);"
+    echo "       quick when nothing changed since the last complete setup (stamp: .venv/.higgs-ds-setup)"
     exit 0
 fi
 cd "$(dirname "$(readlink -f "$0")")"
+STAMP=.venv/.higgs-ds-setup
+WANTED="$(cat requirements.txt pyproject.toml setup.sh | sha256sum | cut -d' ' -f1)"
+# -I: neither the current folder nor PYTHONPATH may stand in for the venv's own install of this checkout.
+CHECK='import os, sys, higgs_ds, torch, deepspeed
+sys.exit(not os.path.realpath(higgs_ds.__file__).startswith(os.path.realpath(sys.argv[1]) + os.sep))'
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANTED" ]] && .venv/bin/python -I -c "$CHECK" "$PWD" >/dev/null 2>&1
+then
+    echo "setup.sh: environment up to date ($PWD/.venv)"
+    exit 0
+fi
+rm -f "$STAMP"
 python3 -m venv .venv
 .venv/bin/pip install -q -r requirements.txt
 # The project itself, editable: `import higgs_ds` and the console commands (higgs-build-shards, higgs-shards) work
@@ -23,3 +37,10 @@ if ! .venv/bin/python -c "import torchaudio" 2>/dev/null; then
     fi
     .venv/bin/python -c "import torch, torchaudio.functional as F; F.resample(torch.zeros(1, 160), 16000, 24000)"
 fi
+if ! problem="$(.venv/bin/python -I -c "$CHECK" "$PWD" 2>&1)"; then  # what the quick path checks must hold now
+    echo "$problem" >&2
+    echo "setup.sh: .venv does not import this checkout's higgs_ds with torch and deepspeed" >&2
+    exit 1
+fi
+echo "$WANTED" > "$STAMP"
+echo "setup.sh: .venv ready ($PWD/.venv)"

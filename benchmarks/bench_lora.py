@@ -1,7 +1,7 @@
 """LoRA against full fine-tuning: trainable parameters and per-rank model-state memory (higgs_ds.train.memory),
 computed at the release's widths and measured on the ZeRO-3 partitions of a real 2-rank DeepSpeed launch.
 
-    .venv/bin/python benchmarks/bench_lora.py [--steps 2] [--skip-measured] [--timeout 240]
+    .venv/bin/python benchmarks/bench_lora.py [--steps 2] [--skip-measured] [--timeout 240] [--release-widths]
 
 (a) computed. The release's widths (hidden 3072, intermediate 8192, 24 / 8 KV heads, text vocab 128256, audio
     8 x 1026, DualFFN on every layer) with 1 and 2 decoder layers are *counted* on a meta-device
@@ -18,6 +18,10 @@ computed at the release's widths and measured on the ZeRO-3 partitions of a real
     The worker also records whether the adapters PEFT created outside zero.Init were ZeRO parameters before
     deepspeed.initialize and partitioned after it, and whether their values were broadcast from rank 0 (each
     rank seeds PEFT's init differently on purpose).
+    --release-widths: the presets measured at the release's widths with 1 decoder layer (1.0 B parameters) instead.
+    Full fine-tuning is not launched there: its fp32 model states (20 B per parameter, ~20 GB over the 2 ranks)
+    do not fit this 24 GiB machine beside the runtime; its row is the estimate, which (b) matches to the byte at
+    hidden 512.
 DeepSpeed 0.19.8's CPU all-reduce leaks /dev/shm/deepspeed_allreduce_buffer_* files; each launch's are removed.
 """
 from __future__ import annotations
@@ -43,6 +47,7 @@ from bench_train import CPU_DS, DEEPSPEED, GIB, LaunchFailed, boson_config, stat
 PRESETS = ("attention", "attention_text_mlp", "all_linear")
 RANK, ALPHA = 16, 32
 MEASURED = boson_config(512, 2, 1376, 8, 2)  # real vocabularies, small backbone (bench_step's widths)
+RELEASE_ONE_LAYER = boson_config(3072, 1, 8192, 24, 8)  # --release-widths
 
 
 def build(raw: dict, variant: str):
@@ -134,7 +139,7 @@ def worker(args) -> int:
           "zero_allow_untested_optimizer": True}
     torch.manual_seed(0)
     with deepspeed.zero.Init(config_dict_or_path=ds):
-        model = build(MEASURED, "full")
+        model = build(RELEASE_ONE_LAYER if args.release_widths else MEASURED, "full")
     report: dict = {"rank": rank, "world": world, "variant": args.worker}
     adapters = []
     if args.worker != "full":
@@ -194,7 +199,8 @@ def launch(variant: str, out: Path, args) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 ranks on 2 cores
     port = 29500 + os.getpid() % 200
     command = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(port), str(Path(__file__).resolve()),
-               "--worker", variant, "--worker-out", str(out), "--steps", str(args.steps)]
+               "--worker", variant, "--worker-out", str(out), "--steps", str(args.steps),
+               *(["--release-widths"] if args.release_widths else [])]
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
@@ -217,7 +223,7 @@ def measured(args) -> list[dict]:
     root = Path(tempfile.mkdtemp(prefix="bench_lora."))
     rows = []
     try:
-        for variant in ("full", *PRESETS):
+        for variant in PRESETS if args.release_widths else ("full", *PRESETS):
             seconds = launch(variant, root, args)
             reports = [json.loads((root / f"lora.rank{r}.json").read_text()) for r in range(2)]
             for r in reports:
@@ -230,9 +236,17 @@ def measured(args) -> list[dict]:
             print(f"  launch {variant}: {seconds:.0f} s", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    full = max(r["held"] for r in rows[0]["reports"])
     r0 = rows[0]["reports"][0]
-    print(f"(b) measured, 2 ranks, ZeRO-3 fp32 + torch AdamW, hidden 512, 2 layers, real vocabularies: "
+    if args.release_widths:  # full fine-tuning: the estimate (it does not fit this machine; see the docstring)
+        total = r0["total_params"] - r0["adapters_before_initialize"]["numel"]
+        e = model_states_estimate(total, total, 0, 2, precision="fp32")
+        full = e["device_parts"]["params"] + e["device_parts"]["grads_and_optimizer"]
+        print(f"  full fine-tuning at these widths: {total / 1e9:.4f} B parameters, estimated {full / 2**20:.1f} MiB "
+              "per rank (not launched: it does not fit this machine)")
+    else:
+        full = max(r["held"] for r in rows[0]["reports"])
+    widths = "hidden 3072, 1 layer (the release's widths)" if args.release_widths else "hidden 512, 2 layers"
+    print(f"(b) measured, 2 ranks, ZeRO-3 fp32 + torch AdamW, {widths}, real vocabularies: "
           f"{r0['total_params'] / 1e6:.1f} M parameters; {args.steps} steps on one batch of 2 rows, each a TTS sample "
           "(24 prompt tokens, 20 reference frames, 40 audio-out frames, 4 learnable text tokens)")
     print("  variant | trainable | rank | param partition (frozen part) | fp32 master | AdamW moments | grad "
@@ -247,7 +261,7 @@ def measured(args) -> list[dict]:
                   f" MiB | {r['held'] / r['estimated']:.4f} | {r['held'] / full:.3f} | {r['step_s']:.2f} | "
                   + " ".join(f"{v:.3f}" for v in r["losses"]) + f" | {r['peak_rss'] / GIB:.2f} GiB")
     print("  adapters created by PEFT outside zero.Init (per rank):")
-    for row in rows[1:]:
+    for row in rows[0 if args.release_widths else 1:]:
         for r in row["reports"]:
             b, a = r["adapters_before_initialize"], r["adapters_after_initialize"]
             print(f"    {row['variant']} rank {r['rank']}: {b['count']} tensors, {b['numel']} elements; ZeRO params "
@@ -265,6 +279,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--timeout", type=int, default=240, help="seconds per launch")
     parser.add_argument("--skip-measured", action="store_true")
+    parser.add_argument("--release-widths", action="store_true",
+                        help="measure the LoRA presets at the release's widths with 1 decoder layer")
     parser.add_argument("--worker", choices=("full", *PRESETS), help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()

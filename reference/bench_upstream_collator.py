@@ -15,6 +15,22 @@ import json
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", type=Path, required=True, help="sample set folder: samples.jsonl and codes/")
+    parser.add_argument("--tokenizer", type=Path, default=ROOT / "tests/assets/tiny_tokenizer")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds; the best one counts")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help answers here, without the reference venv's packages
+
+# Imported after the argument check on purpose: these need the reference venv.
 import numpy as np
 import torch
 from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
@@ -22,8 +38,6 @@ from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample, prepare
 from boson_multimodal.model.higgs_audio.utils import merge_input_ids_with_audio_features
 from make_data_goldens import dataset_sample  # same folder
 from transformers import AutoTokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def load(set_dir: Path, tokenizer) -> list[ChatMLDatasetSample]:
@@ -36,12 +50,7 @@ def load(set_dir: Path, tokenizer) -> list[ChatMLDatasetSample]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--set", type=Path, required=True)
-    parser.add_argument("--tokenizer", type=Path, default=ROOT / "tests/assets/tiny_tokenizer")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = parse_args()
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))
     ids = tokenizer.convert_tokens_to_ids

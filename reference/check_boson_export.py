@@ -277,14 +277,16 @@ def step_upstream(export: Path, npz_path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--step", choices=("ours", "upstream"), required=True)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--step", choices=("ours", "upstream"), required=True,
+                        help="ours: in the project venv, writes NPZ; upstream: in the reference venv, checks it")
     parser.add_argument("--export", type=Path, required=True, help="launch/export.py --layout both output")
     parser.add_argument("--npz", type=Path, required=True, help="written by --step ours, read by --step upstream")
     parser.add_argument("--samples", type=Path, default=ROOT / "examples" / "tiny" / "samples.jsonl",
                         help="ChatML JSONL with an id per line and audio_url = .npy codes (step ours)")
-    parser.add_argument("--tokenizer", type=Path, default=ROOT / "examples" / "tiny" / "tokenizer")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--tokenizer", type=Path, default=ROOT / "examples" / "tiny" / "tokenizer",
+                        help="the samples' tokenizer (step ours)")
+    parser.add_argument("--batch-size", type=int, default=4, help="samples per batch, one per row (step ours)")
     args = parser.parse_args(argv)
     if args.step == "ours":
         return step_ours(args.export, args.npz, args.samples, args.tokenizer, args.batch_size)

@@ -32,6 +32,23 @@ import os
 import zlib
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=Path, default=ROOT / "tests/goldens/data/samples.jsonl",
+                        help="samples.jsonl of a sample set (its folder holds codes/)")
+    parser.add_argument("--out", type=Path, default=ROOT / "tests/goldens/data/goldens.npz",
+                        help="the goldens' .npz (the .json index is written beside it)")
+    parser.add_argument("--tokenizer", type=Path, default=ROOT / "tests/assets/tiny_tokenizer")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help answers here, without the reference venv's packages
+
+# Imported after the argument check on purpose: these need the reference venv.
 import numpy as np
 import torch
 from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioSampleCollator
@@ -39,7 +56,6 @@ from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample, prepare
 from boson_multimodal.model.higgs_audio.utils import merge_input_ids_with_audio_features
 from transformers import AutoTokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
 NUM_CODEBOOKS, CODEBOOK_SIZE, FRAMES_PER_SECOND = 8, 1024, 25
 BATCH_SIZES = (2, 3, 5)
 
@@ -113,11 +129,7 @@ def upstream_batch(samples: list[ChatMLDatasetSample], ids: dict[str, int], use_
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=Path, default=ROOT / "tests/goldens/data/samples.jsonl")
-    parser.add_argument("--out", type=Path, default=ROOT / "tests/goldens/data/goldens.npz")
-    parser.add_argument("--tokenizer", type=Path, default=ROOT / "tests/assets/tiny_tokenizer")
-    args = parser.parse_args()
+    args = parse_args()
 
     tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in

@@ -12,11 +12,24 @@ Writes tests/goldens/model/:
   meta.json          versions, the attention implementation upstream used and how its mask behaved
 Batches are built from ChatML with upstream's prepare_chatml_sample + HiggsAudioSampleCollator and run through
 HiggsAudioModel.forward, whose merge_input_ids_with_audio_features expands the placeholders.
+
+Takes no options (only --help); tests/goldens/model/ is replaced as a whole.
 """
+import argparse
 import json
 import shutil
 from pathlib import Path
 
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help answers here, without the reference venv's packages
+
+# Imported after the argument check on purpose: these need the reference venv.
 import numpy as np
 import torch
 import transformers
@@ -104,7 +117,6 @@ def to_numpy(value):
     return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
 
 
-
 def upstream_inputs(collated) -> dict:
     """What upstream's HiggsAudioModel.forward takes from its collator's batch (also reference/check_boson_export.py)."""
     return dict(input_ids=collated.input_ids, attention_mask=collated.attention_mask, label_ids=collated.label_ids,
@@ -112,7 +124,9 @@ def upstream_inputs(collated) -> dict:
                 audio_out_ids=collated.audio_out_ids, audio_out_ids_start=collated.audio_out_ids_start,
                 label_audio_ids=collated.label_audio_ids)
 
+
 def main() -> None:
+    parse_args()
     tok = AutoTokenizer.from_pretrained(str(ROOT / "tests" / "assets" / "tiny_tokenizer"))
     generator = torch.Generator().manual_seed(20251125)
     torch.manual_seed(0)
@@ -140,7 +154,7 @@ def main() -> None:
             audio_out_mask=out.audio_out_mask,
             audio_in_ids=collated.audio_in_ids.reshape(NUM_CODEBOOKS, -1), audio_out_ids=collated.audio_out_ids,
             audio_out_labels=collated.label_audio_ids)
-        for name, value in upstream_inputs.items():
+        for name, value in upstream_inputs(collated).items():
             arrays[f"b{index}_up_{name}"] = to_numpy(value)
         for name, value in batch.items():
             arrays[f"b{index}_batch_{name}"] = to_numpy(value)
@@ -161,7 +175,7 @@ def main() -> None:
     model.audio_decoder_proj.audio_lm_head = PartiallyFrozenLinear(
         model.audio_decoder_proj.audio_lm_head, freeze_until_idx=NUM_CODEBOOKS * (CODES + 2) // 2)
     with torch.no_grad():  # the split model must still give the goldens
-        check = model(**upstream_inputs)
+        check = model(**upstream_inputs(collated))  # the last batch
     assert torch.equal(check.logits, out.logits) and torch.equal(check.audio_logits, out.audio_logits)
     model.save_pretrained(OUT / "boson_tiny_split", safe_serialization=True, max_shard_size="60KB")
 

@@ -88,6 +88,40 @@ def test_our_port_layout_loads_in_transformers(tmp_path, tokenizer):
     assert_same_tensors(port.state_dict(), model.state_dict())
 
 
+def test_export_converts_a_model_directory_tensor_by_tensor_in_its_dtype(tmp_path, tokenizer, capsys):
+    """launch/export.py on a model directory (the release is boson-layout, with upstream's split tensors; a PEFT
+    adapter loads onto the port layout): every tensor as stored, merged split halves, either way round."""
+    from conftest import TINY_TOKENIZER
+    from higgs_ds.train.export import main as export_main
+
+    bf16 = tmp_path / "bf16_split"  # the split checkpoint stored in bf16: the conversion keeps the dtype
+    shutil.copytree(SPLIT, bf16)
+    for file in bf16.glob("*.safetensors"):
+        from safetensors.torch import load_file, save_file
+
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(file)).items()}, str(file),
+                  metadata={"format": "pt"})
+    expected = {k: v.to(torch.bfloat16) for k, v in read_port_state_dict(SPLIT, read_model_config(SPLIT, tokenizer))
+                .items()}
+    assert export_main([str(bf16), "--out", str(tmp_path / "port"), "--layout", "port",
+                        "--tokenizer", str(TINY_TOKENIZER)]) == 0
+    assert_same_tensors(read_state_dict(tmp_path / "port"), expected)
+    assert (tmp_path / "port" / "tokenizer.json").exists()
+    port = HiggsAudioV2ForConditionalGeneration.from_pretrained(str(tmp_path / "port"), use_text_head=True)
+    assert_same_tensors({k: v for k, v in port.state_dict().items() if k in expected}, expected)
+    assert export_main([str(tmp_path / "port"), "--out", str(tmp_path / "boson"), "--layout", "boson"]) == 0
+    assert_same_tensors(read_port_state_dict(tmp_path / "boson", read_model_config(tmp_path / "boson", tokenizer)),
+                        expected)
+    # No tokenizer beside the weights and none given: one error line, nothing written.
+    capsys.readouterr()
+    assert export_main([str(SPLIT), "--out", str(tmp_path / "none"), "--layout", "port"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and not (tmp_path / "none").exists(), err
+    assert export_main([str(SPLIT), "--out", str(tmp_path / "peft"), "--layout", "peft",
+                        "--tokenizer", str(TINY_TOKENIZER)]) == 2
+    assert "no LoRA adapter" in capsys.readouterr().err
+
+
 def write_variant(tmp_path: Path, edit_config=None, edit_state=None) -> Path:
     state = read_state_dict(BOSON)
     raw = json.loads((BOSON / "config.json").read_text())

@@ -139,6 +139,8 @@ def test_floor_equals_the_true_log_likelihood_of_a_large_sample():
             prior = np.prod([(1 - PARAMS["first_frame_noise"]) * (process.voices[:, k] == ref[k, 0])
                              + PARAMS["first_frame_noise"] / process.palette.shape[1] for k in range(process.k)], 0)
             audio = true_nll(process, clips[1], prior)
+        # The generator's own realised -log p (a perfect model's loss) equals this independent computation.
+        np.testing.assert_allclose(record["audio_nll"], audio, rtol=1e-12, atol=1e-12)
         words = sample["messages"][-1]["content"].split() if kind == "text" else []
         assert set(words) <= set(PARAMS["words"])
         records.append(record)
@@ -154,6 +156,12 @@ def test_floor_equals_the_true_log_likelihood_of_a_large_sample():
     assert np.abs(estimate - floors)[1:] == pytest.approx(0, abs=float(4 * error[1:].max()))
     assert estimate[0] == pytest.approx(floors[0], rel=1e-9)  # text: every word costs ln W, exactly
     assert estimate[1:].sum() == pytest.approx(floor["audio_floor"], abs=float(4 * error[1:].sum()))
+    # The perfect model's loss on these samples sits within sampling noise of the floor, with the generator's
+    # standard error: smaller than the spread over sample compositions above, and not zero.
+    assert floor["process_audio"] == pytest.approx(nll[:, 1:].sum(0) @ (1 / counts[:, 1:].sum(0)), rel=1e-12)
+    assert 0 < floor["audio_floor_se"] < error[1:].sum()
+    assert abs(floor["process_audio"] - floor["audio_floor"]) < 4 * floor["audio_floor_se"]
+    assert floor["process_text"] == pytest.approx(floor["text_floor"], rel=1e-12) and floor["text_floor_se"] == 0
 
 
 # ------------------------------------------------------------------------------- the generator and its counts

@@ -41,6 +41,39 @@ def test_refusals_name_the_problem():
         lora_targets(model(), patterns=[r"input_layernorm$"])
     with pytest.raises(ValueError, match="expected one of"):
         lora_targets(model(), "everything")
+    # One pattern with a typo beside a good one: refused, not quietly adapting less than asked.
+    with pytest.raises(ValueError, match=r"^lora targets \['self_atn\\\\.v_proj\$'\]: no module"):
+        lora_targets(model(), patterns=[r"self_attn\.q_proj$", r"self_atn\.v_proj$"])
+
+
+def test_a_target_trained_in_full_too_is_refused():
+    """PEFT renames a target's weight to <module>.base_layer.weight and freezes it: an extra naming the old name
+    would silently stay frozen."""
+    from higgs_ds.train.config import LoraSection
+    from higgs_ds.train.lora import select
+
+    section = LoraSection(rank=4, train_in_full=[r"^audio_lm_head\.", r"\.audio_mlp\.up_proj\.weight$"])
+    with pytest.raises(ValueError, match=r"lora.train_in_full names parameters of LoRA target modules "
+                                         r"\(\['model\.layers\.0\.audio_mlp\.up_proj\.weight'"):
+        select(model(), section)
+    section.preset = "attention_text_mlp"  # the audio MLP is no target now: training it in full is fine
+    assert select(model(), section)[1] == ["audio_lm_head.weight", "model.layers.0.audio_mlp.up_proj.weight",
+                                           "model.layers.1.audio_mlp.up_proj.weight"]
+
+
+def test_lora_dropout_and_alpha_reach_every_adapter():
+    from higgs_ds.train.config import LoraSection
+    from higgs_ds.train.lora import apply_lora
+
+    m = model()
+    apply_lora(m, LoraSection(rank=4, alpha=3.0, dropout=0.25))
+    wrapped = [module for _, module in m.named_modules() if hasattr(module, "lora_A")]
+    assert len(wrapped) == len(expected("attention", "text_mlp", "audio_mlp"))
+    for module in wrapped:
+        assert module.lora_dropout["default"].p == 0.25 and module.scaling["default"] == 3.0 / 4
+    default = model()
+    apply_lora(default, LoraSection(rank=4))  # alpha unset: 2 × rank
+    assert {module.scaling["default"] for _, module in default.named_modules() if hasattr(module, "lora_A")} == {2.0}
 
 
 def test_peft_wraps_exactly_the_targets_and_only_adapters_train():
@@ -67,7 +100,7 @@ def trained_lora(seed: int = 3):
     from higgs_ds.train.lora import apply_lora
 
     m = model()
-    section = LoraSection(rank=4, alpha=8.0)
+    section = LoraSection(rank=4, alpha=3.0)  # not the default 2 × rank: a scaling taken from the wrong place shows
     trainable = apply_lora(m, section)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -94,7 +127,7 @@ def test_merged_weights_give_the_unmerged_logits_and_differ_from_the_base(tmp_pa
     save_checkpoint(base.state_dict(), CONFIG, tmp_path / "base")
     m, section, trainable = trained_lora()
     params = dict(m.named_parameters())
-    merged = merged_state(tmp_path / "base", {n: params[n].detach() for n in trainable}, 8.0 / 4)
+    merged = merged_state(tmp_path / "base", {n: params[n].detach() for n in trainable}, 3.0 / 4)
     save_checkpoint(merged, CONFIG, tmp_path / "merged")
     out = load_model(tmp_path / "merged")
     g = torch.Generator().manual_seed(1)

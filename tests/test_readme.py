@@ -1,14 +1,18 @@
 """The docs run: every fenced block of README.md and docs/*.md carries a `<!-- test: KIND -->` marker, and each
 kind has a runner here — the CPU commands run verbatim from the repository root, one chain in the docs' order (data
 → stream → training → LoRA → loading the export → comparing → TensorBoard); GPU, multi-node and SLURM commands are
-validated with --dry-run (`dry-run` blocks; sbatch under a fake SLURM); the ChatML examples build into shards. So
-docs and tests cannot drift apart. Also: every command's --help, console commands from outside the repository, and
+validated with --dry-run (`dry-run` blocks; sbatch under a fake SLURM), after DeepSpeed's and torchrun's own parsers
+accept their launcher flags; the ChatML examples build into shards. So docs and tests cannot drift apart. Also: every
+command's --help (reference/ scripts without upstream's packages), console commands from outside the repository, and
 examples/tiny is what examples/tiny/make_example.py writes."""
 from __future__ import annotations
 
+import argparse
 import ast
+import contextlib
 import fcntl
 import importlib.util
+import io
 import json
 import os
 import re
@@ -157,8 +161,8 @@ def test_the_docs_cpu_commands_run_verbatim_in_order(tmp_path, readme_out_lock):
     assert sum(len(ast.literal_eval(line.split(") ", 1)[1])) for line in lines[:-1] if "<blank>" not in line) == 20
 
     out = bash("train-commands")  # dry run, 2-rank ZeRO-3 run, evaluation, export, comparison
-    plan = Path("/tmp/higgs-example-plan.json").read_text()
-    assert json.loads(plan[plan.index("{\n"):])["data"]["samples"] == 20
+    # --dry-run's stdout is the JSON report alone (its summaries go to stderr), so the redirect wrote valid JSON.
+    assert json.loads(Path("/tmp/higgs-example-plan.json").read_text())["data"]["samples"] == 20
     steps = [json.loads(line) for line in Path("/tmp/higgs-example-run/metrics.jsonl").read_text().splitlines()]
     assert len(steps) >= 4 and steps[-1]["loss/total"] < steps[0]["loss/total"]
     assert re.search(r"^loss/audio_cb7 +\d+\.\d+$", out, re.M)  # evaluate's table
@@ -247,6 +251,25 @@ def stand_ins(tmp_path_factory):
     return root
 
 
+def parse_launcher(command: list[str]) -> argparse.Namespace:
+    """A docs line's launcher part as the launcher itself parses it (DeepSpeed's runner, torchrun): a mistyped or
+    misplaced launcher flag fails here. The namespace names the script and the arguments it gets."""
+    launcher, args = Path(command[0]).name, command[1:]
+    if launcher == "deepspeed":
+        from deepspeed.launcher.runner import parse_args
+    else:
+        assert launcher == "torchrun", launcher
+        from torch.distributed.run import get_args_parser
+
+        parse_args = get_args_parser().parse_args
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            return parse_args(args)
+    except SystemExit:
+        pytest.fail(f"{launcher} rejects this line of the docs: {shlex.join(command)}\n{errors.getvalue()}")
+
+
 def as_dry_run(command: list[str], cwd: Path) -> list[str]:
     """A launcher command of the docs → the same training command as one `--dry-run` process for its world size."""
     python = str(venv_bin() / "python")
@@ -254,22 +277,25 @@ def as_dry_run(command: list[str], cwd: Path) -> list[str]:
     if launcher == "python":
         assert "--dry-run" in args
         return [python, *args]
-    script = next(i for i, a in enumerate(args) if a.endswith((".py", ".sh")))
-    options, rest = args[:script], args[script + 1:]
-
-    def option(name: str, default: str | None = None) -> str | None:
-        return options[options.index(name) + 1] if name in options else default
-
     if launcher == "deepspeed":
-        hostfile = option("--hostfile")
-        world = (sum(int(line.split("slots=")[1]) for line in (cwd / hostfile).read_text().splitlines() if line)
-                 if hostfile else int(option("--num_gpus", "1")))
+        parsed = parse_launcher(command)
+        script, rest = parsed.user_script, parsed.user_args
+        hostfile = cwd / parsed.hostfile  # as DeepSpeed: the hostfile's slots when it exists, else --num_gpus
+        world = (sum(int(line.split("slots=")[1]) for line in hostfile.read_text().splitlines() if line.strip())
+                 if hostfile.is_file() else parsed.num_gpus)
     elif launcher == "torchrun":
-        world = int(option("--nnodes", "1")) * int(option("--nproc_per_node", "1"))
-    else:
-        assert launcher == "sbatch" and args[script] == "launch/slurm_train.sh"
-        world, rest = int(option("--nodes", "1")) * 8, ["--config", *rest]  # the template's 8 GPUs per node
-    assert args[script] in ("launch/train.py", "launch/slurm_train.sh"), args[script]
+        parsed = parse_launcher(command)
+        script, rest = parsed.training_script, parsed.training_script_args
+        world = int(parsed.nnodes) * int(parsed.nproc_per_node)
+    else:  # sbatch: its own options are not checked here; the template itself runs under a fake SLURM below
+        assert launcher == "sbatch", launcher
+        index = next(i for i, a in enumerate(args) if a.endswith(".sh"))
+        options, script, rest = args[:index], args[index], ["--config", *args[index + 1:]]
+        nodes = options[options.index("--nodes") + 1] if "--nodes" in options else "1"
+        world = int(nodes) * 8  # the template's 8 GPUs per node
+        assert script == "launch/slurm_train.sh", script
+    assert script in ("launch/train.py", "launch/slurm_train.sh"), script
+    assert world >= 1, f"{shlex.join(command)}: give the GPU count explicitly (the dry run plans for it)"
     # The stand-in shards are small (200 training samples): a small budget gives each of the world's slots a batch
     # (the recipes' budgets are for real data; the data plan is not what this checks).
     small = ["data.max_tokens=256", "data.pack_length=256", "data.num_workers=1"]
@@ -303,10 +329,10 @@ def test_the_docs_gpu_and_cluster_commands_pass_the_dry_run(stand_ins, tmp_path)
         dry = as_dry_run(command, root)
         run = processes.run(dry, cwd=root, env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, f"{command}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
-        report = json.loads(run.stdout[run.stdout.index("{\n"):])
+        report = json.loads(run.stdout)  # stdout is the JSON report alone; the summaries go to stderr
         world = int(dry[-1]) if "--world-size" in dry else 1
         estimate = report["memory_estimate"]
-        assert estimate["gpus_per_node"] == world and f"memory: ZeRO-{estimate['stage']}" in run.stdout
+        assert estimate["gpus_per_node"] == world and f"memory: ZeRO-{estimate['stage']}" in run.stderr
         recipe = Path(dry[dry.index("--config") + 1]).name
         trainable, total = report["model"]["trainable_parameters"], report["model"]["parameters"]
         assert (trainable < total) == (recipe.startswith(("lora", "audio_only"))), recipe
@@ -328,21 +354,57 @@ def test_the_docs_gpu_and_cluster_commands_pass_the_dry_run(stand_ins, tmp_path)
     assert run.returncode == 0 and '"micro_batches_per_epoch_per_rank"' in run.stdout, run.stderr[-3000:]
 
 
+def test_the_docs_launcher_lines_parse_with_the_launchers_own_parsers():
+    """Every deepspeed / torchrun line of the docs (the dry-run blocks and the CPU chain), parsed by DeepSpeed's runner
+    and torchrun: their flags exist and come before the script, which is launch/train.py. (The slow dry-run test runs
+    what follows the script; sbatch's own options need SLURM and are not checked.)"""
+    launchers = set()
+    for kind in ("dry-run", "train-commands", "lora-commands"):
+        for line in docs_commands(kind, {"CKPT": "/ckpt", "SHARDS": "/shards"}):
+            command = shlex.split(line, comments=True)
+            if command and Path(command[0]).name in ("deepspeed", "torchrun"):
+                launcher, parsed = Path(command[0]).name, parse_launcher(command)
+                script = parsed.user_script if launcher == "deepspeed" else parsed.training_script
+                assert script == "launch/train.py", line
+                launchers.add(launcher)
+    assert launchers == {"deepspeed", "torchrun"}
+
+
 COMMANDS = [["launch/train.py"], ["launch/evaluate.py"], ["launch/export.py"], ["launch/compare_runs.py"],
             ["-m", "data_tools.build_shards"], ["-m", "data_tools.shard_tools"], ["examples/demo/generate.py"],
-            ["examples/tiny/make_example.py"], ["docs/make_screenshot.py"]]
-SCRIPTS = ["demo.sh", "test.sh", "setup.sh", "launch/slurm_train.sh"]
+            ["examples/tiny/make_example.py"], ["docs/make_screenshot.py"],
+            *([f"benchmarks/{p.name}"] for p in sorted((ROOT / "benchmarks").glob("*.py")))]
+SCRIPTS = ["demo.sh", "test.sh", "setup.sh", "launch/slurm_train.sh",
+           *(f"reference/{p.name}" for p in sorted((ROOT / "reference").glob("*.sh")))]
+# Run in the reference venv (upstream boson-multimodal, transformers 4.46): their --help must answer without it.
+REFERENCE = [f"reference/{p.name}" for p in sorted((ROOT / "reference").glob("*.py"))]
+
+
+def check_help(argv: list[str], cwd: Path, env: dict[str, str]) -> None:
+    run = processes.run([*argv, "--help"], cwd=cwd, env={**env, "PYTHONDONTWRITEBYTECODE": "1"}, capture_output=True,
+                        text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.lower().startswith("usage") and len(run.stdout.split()) > 12, run.stdout
+    assert list(cwd.iterdir()) == [], "--help writes nothing"
 
 
 @pytest.mark.parametrize("command", COMMANDS + SCRIPTS, ids=str)
 def test_every_command_has_help_that_says_what_it_does(command, tmp_path):
     argv = ["bash", str(ROOT / command)] if isinstance(command, str) else [str(venv_bin() / "python"), *[
         str(ROOT / c) if c.endswith(".py") else c for c in command]]
-    run = processes.run([*argv, "--help"], cwd=tmp_path, env=code_env(tmp_path), capture_output=True, text=True,
-                        timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.lower().startswith("usage") and len(run.stdout.split()) > 12, run.stdout
-    assert list(tmp_path.iterdir()) == [], "--help writes nothing"
+    check_help(argv, tmp_path, code_env(tmp_path))
+
+
+@pytest.mark.parametrize("script", REFERENCE)
+def test_the_reference_scripts_help_without_upstreams_packages(script, tmp_path):
+    """In the project venv, with `import boson_multimodal` made to fail: --help answers before any upstream import."""
+    stub, cwd = tmp_path / "stub" / "boson_multimodal", tmp_path / "cwd"
+    stub.mkdir(parents=True)
+    cwd.mkdir()
+    (stub / "__init__.py").write_text("raise ImportError('boson_multimodal imported by --help')\n")
+    env = code_env(cwd)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(stub.parent), env.get("PYTHONPATH")]))
+    check_help([str(venv_bin() / "python"), str(ROOT / script)], cwd, env)
 
 
 @pytest.mark.slow

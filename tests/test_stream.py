@@ -253,6 +253,19 @@ def test_resume_mid_epoch_equals_uninterrupted(split, tokens, stop):
         assert_batches_equal(a, b)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streaming_leaves_the_global_rng_alone(split, tokens, workers):
+    """The trainer restores the global RNG at a resume (dropout masks): starting an epoch's DataLoader mid-run must
+    not draw from it, or a resumed run's masks would differ from an uninterrupted run's."""
+    loader = ShardLoader(split, Collator(tokens, AUDIO), rank=0, world_size=2, num_workers=workers, seed=7,
+                         max_tokens=250)
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    assert len(run_epoch(loader)) > 0
+    torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)
+
+
 def test_state_refuses_another_layout(split, tokens):
     collator = Collator(tokens, AUDIO)
     state = ShardLoader(split, collator, rank=0, world_size=2, num_workers=2, max_tokens=500).state_dict()

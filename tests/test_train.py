@@ -96,6 +96,20 @@ def launch(config: Path, *overrides: str, env: dict | None = None, wait: bool = 
     return process.returncode, output
 
 
+def kill_after_save(config: Path, out: Path, step: int) -> None:
+    """Launch `config` and kill -9 the whole job once every rank has saved the step-`step` checkpoint."""
+    process = launch(config, env={"HIGGS_DS_TEST_HANG_AFTER_SAVE": str(step)}, wait=False)
+    try:
+        deadline = time.time() + 300
+        while not all((out / f"saved.rank{r}").exists() for r in range(2)):
+            assert process.poll() is None, process.stdout.read()[-3000:]
+            assert time.time() < deadline, f"no checkpoint at step {step}"
+            time.sleep(0.5)
+    finally:
+        processes.kill_group(process)  # kill -9 of the whole job (and, on a failure, no process left behind)
+        process.wait()
+
+
 def losses(out: Path) -> dict[int, float]:
     """Per-step loss/total from rank 0's metrics.jsonl (a resumed run overwrites the steps it repeats)."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -144,16 +158,7 @@ def test_kill_9_after_a_checkpoint_then_resume_continues_exactly(corpus, referen
     _, ref_out, _ = reference
     out = tmp_path / "run"
     config = write_yaml(tmp_path / "run.yaml", **base_config(corpus, out, save_every=2))
-    process = launch(config, env={"HIGGS_DS_TEST_HANG_AFTER_SAVE": "4"}, wait=False)
-    try:
-        deadline = time.time() + 300
-        while not all((out / f"saved.rank{r}").exists() for r in range(2)):
-            assert process.poll() is None, process.stdout.read()[-3000:]
-            assert time.time() < deadline, "no checkpoint at step 4"
-            time.sleep(0.5)
-    finally:
-        processes.kill_group(process)  # kill -9 of the whole job (and, on a failure, no process left behind)
-        process.wait()
+    kill_after_save(config, out, 4)
     code, output = launch(config, "train.resume=auto")
     assert code == 0, output[-3000:]
     assert "resumed from" in output and "step00000004 at step 4" in output
@@ -384,8 +389,9 @@ def test_bad_configs_fail_before_any_process_group(good, tmp_path, capsys, case)
 def test_dry_run_prints_the_plan_and_memory_estimate(good, tmp_path, capsys):
     config = write_yaml(tmp_path / "run.yaml", **good)
     assert train_main(["--config", str(config), "--dry-run", "train.max_steps=3"]) == 0
-    out = capsys.readouterr().out
-    report = json.loads(out[out.index("{\n"):])  # after DeepSpeed's own log lines
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)  # stdout is the JSON alone
+    assert "masking over the first" in captured.err and "memory: ZeRO-3" in captured.err
     assert report["data"]["samples"] == 80 and report["data"]["steps"] == 3
     assert report["deepspeed"]["gradient_accumulation_steps"] == 2
     assert report["model"]["parameters"] == report["model"]["trainable_parameters"] > 0  # full fine-tuning
@@ -574,8 +580,7 @@ def test_evaluate_prints_the_runs_own_eval_breakdown(reference, corpus, capsys):
     _, out, output = reference
     logged = dict(re.findall(r"(eval/\w+) ([\d.]+)", output.split("eval step 7:")[1].splitlines()[0]))
     assert evaluate_main([str(out), "--split", str(corpus / "val"), "--json"]) == 0
-    printed = capsys.readouterr().out
-    result = json.loads(printed[printed.index("{\n"):])
+    result = json.loads(capsys.readouterr().out)  # stdout is the JSON alone
     for name in ("text", "audio", "total"):
         assert result[f"loss/{name}"] == pytest.approx(float(logged[f"eval/{name}"]), abs=1e-4)
     assert sum(result[f"loss/audio_cb{k}"] for k in range(8)) == pytest.approx(result["loss/audio"], rel=1e-6)
@@ -627,19 +632,54 @@ def test_optimizer_choice_per_config_and_device(monkeypatch):
     assert isinstance(optimizer, torch.optim.SGD)
 
 
+def test_rng_state_holds_the_accelerators_generator_and_restores_it(monkeypatch):
+    """The CPU generator always; on a GPU also the device's (where dropout draws), through DeepSpeed's accelerator
+    interface (stood in: no GPU here). A CPU checkpoint resumed on a GPU goes on without the device state."""
+    import deepspeed
+
+    from higgs_ds.train.trainer import rng_state, set_rng_state
+
+    torch.manual_seed(5)
+    state = rng_state(torch.device("cpu"))
+    assert set(state) == {"torch_rng"}
+    expected = torch.rand(3)
+    torch.rand(7)
+    set_rng_state(state, torch.device("cpu"))
+    torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
+
+    calls = []
+
+    class StandIn:
+        def get_rng_state(self, device_index=None):
+            calls.append(("get", device_index))
+            return torch.tensor([device_index, 42], dtype=torch.uint8)
+
+        def set_rng_state(self, new_state, device_index=None):
+            calls.append(("set", new_state.tolist(), device_index))
+
+    monkeypatch.setattr(deepspeed, "get_accelerator", StandIn)
+    gpu = torch.device("cuda", 1)
+    state = rng_state(gpu)
+    assert state["device_rng"].tolist() == [1, 42] and calls == [("get", 1)]
+    set_rng_state(state, gpu)
+    assert calls[-1] == ("set", [1, 42], 1)
+    set_rng_state({"torch_rng": state["torch_rng"]}, gpu)  # saved on the CPU: a warning, no device restore
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize("ds_file", sorted(p.name for p in (ROOT / "ds_configs").glob("*.json")))
 def test_every_shipped_deepspeed_config_passes_the_dry_run(good, tmp_path, capsys, ds_file):
     config = write_yaml(tmp_path / "run.yaml", **good)
     precision = "fp32" if "fp32" in ds_file else "bf16"
     assert train_main(["--config", str(config), "--dry-run", f"train.deepspeed={ROOT / 'ds_configs' / ds_file}",
                        f"train.precision={precision}"]) == 0
-    out = capsys.readouterr().out
-    report = json.loads(out[out.index("{\n"):])
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
     estimate = report["memory_estimate"]
     assert estimate["offload_optimizer"] == ("offload" in ds_file)
     assert estimate["offload_param"] == ("offload_all" in ds_file)
     assert estimate["stage"] == (2 if "zero2" in ds_file else 3) and estimate["precision"] == precision
-    assert f"memory: {estimate['summary']}" in out
+    assert f"memory: {estimate['summary']}" in captured.err
     assert report["deepspeed"]["train_micro_batch_size_per_gpu"] == 1
 
 
@@ -686,6 +726,11 @@ def test_tensorboard_events_hold_every_step_value(reference, corpus, tokens):
     for modality in ("text", "audio"):
         logged = sum(scalars[f"tokens/{modality}_learnable"].values())
         assert logged == sum(per_key[k][f"learnable_{modality}_tokens"] for k in keys), modality
+    # The stream's counters are the whole run's (both ranks): epoch 0's plan accounts for every sample of the
+    # split, and the samples seen are those the two ranks consumed.
+    first = {name: scalars[f"data/{name}"][1] for name in ("planned_samples", "dropped_samples", "too_long_samples")}
+    assert sum(first.values()) == manifest.totals["samples"], first
+    assert scalars["data/seen_samples"][7] == len(keys)
 
 
 @pytest.mark.slow

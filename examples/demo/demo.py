@@ -30,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 BIN = Path(sys.executable).parent  # the venv's: deepspeed, tensorboard
 sys.path.insert(0, str(ROOT))  # this checkout's code, also when run as a plain script
+NOISE_SE = 3.0  # below the floor by more than this many standard errors: not sampling noise
 GUARD_TOLERANCE = 0.8  # the guard's floor: 80 % of the true floor (a train batch's loss scatters about ±0.2 around it)
 
 
@@ -176,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     data_dir, floor = data(out)
     train_split, val_split = shards(out, data_dir, tokenizer_dir)
     check_counts(floor, val_split)
-    log(f"floor (val): text {floor['text_floor']:.4f}, audio {floor['audio_floor']:.4f}; uniform: text "
-        f"{floor['uniform_text']:.4f}, audio {floor['uniform_audio']:.4f}")
+    log(f"floor (val): text {floor['text_floor']:.4f}, audio {floor['audio_floor']:.4f} ± "
+        f"{floor['audio_floor_se']:.4f}; uniform: text {floor['uniform_text']:.4f}, audio "
+        f"{floor['uniform_audio']:.4f}. The train split's floor, for TensorBoard's loss/* curves: text "
+        f"{floor['train']['text_floor']:.4f}, audio {floor['train']['audio_floor']:.4f}")
 
     run = out / "runs" / time.strftime("%Y%m%d-%H%M%S")
     while run.exists():  # two runs within a second
@@ -202,16 +205,25 @@ def main(argv: list[str] | None = None) -> int:
                "alarms": alarms, "seconds": round(time.time() - started, 1)}
     (run / "demo_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"\n{'':26s}{'text':>10s}{'audio':>10s}")
-    rows = [("floor (val, exact)", floor["text_floor"], floor["audio_floor"]),
+    rows = [("floor (val, expected)", floor["text_floor"], floor["audio_floor"]),
+            ("perfect model on val", floor["process_text"], floor["process_audio"]),
             (f"run's eval, step {final_step}", run_eval["text"], run_eval["audio"]),
             ("launch/evaluate.py", summary["evaluate"]["text"], summary["evaluate"]["audio"]),
             ("uniform baseline", floor["uniform_text"], floor["uniform_audio"])]
     for name, text, audio in rows:
         print(f"{name:26s}{text:10.4f}{audio:10.4f}")
+    print(f"(a perfect model's loss on these val samples scatters about the floor: ± {floor['text_floor_se']:.4f} "
+          f"text, ± {floor['audio_floor_se']:.4f} audio at one standard error)")
     for m in ("text", "audio"):
         share = gap(run_eval[m], floor[f"{m}_floor"], floor[f"uniform_{m}"])
-        print(f"{m}: {share:.1%} of the way from the floor to uniform" if share >= 0 else
-              f"{m}: BELOW the floor by {-share:.1%} of the range: impossible without a leak of the labels")
+        noise = NOISE_SE * floor[f"{m}_floor_se"]
+        if share >= 0:
+            print(f"{m}: {share:.1%} of the way from the floor to uniform")
+        elif run_eval[m] >= floor[f"{m}_floor"] - noise:
+            print(f"{m}: at the floor, within sampling noise ({NOISE_SE:g} standard errors)")
+        else:
+            print(f"{m}: BELOW the floor by {-share:.1%} of the range, more than sampling noise allows: impossible "
+                  "without a leak of the labels")
     print(f"collapse alarms: {len(alarms)} (the guard warns on every step it fires; all of them are in train.log)"
           if alarms else "collapse alarms: none")
     print(f"\nrun directory   {run}\ncheckpoint      {run / 'checkpoints'}\nexport          {run / 'export'}/"

@@ -107,16 +107,34 @@ class Process:
             posterior /= posterior.sum()
         return out
 
+    def clip_nll(self, codes: np.ndarray, posterior: np.ndarray) -> list[float]:
+        """Per codebook: -log p of the clip's labels under the process itself, from what the model sees (the
+        realised loss of a perfect model on this clip; its expectation is clip_entropy)."""
+        eps, used = self.p["frame_noise"], self.palette.shape[1]
+        posterior = posterior / posterior.sum()
+        out = []
+        for k in range(self.k):
+            given = self.likelihood(k, int(codes[k, 0]))  # p(this frame-0 code | each speaker)
+            nll = -math.log(float(posterior @ given))
+            same = codes[k, 1:] == codes[k, :-1]
+            nll -= float(np.log(np.where(same, 1 - eps + eps / used, eps / used)).sum())
+            out.append(nll)
+            posterior = posterior * given / float(posterior @ given)
+        return out
+
     def sample(self, rng, key: str, kind: str, clip_file) -> tuple[dict, dict]:
-        """One ChatML sample and its entropy record {text: [sum, labels], audio: [[sum, labels] per codebook]}."""
+        """One ChatML sample and its record: {text: [entropy sum, labels], audio: [[entropy sum, labels] per
+        codebook], text_nll / audio_nll: the process's own -log p of the drawn labels (text; per codebook)}."""
         speaker = int(rng.integers(len(self.p["speakers"])))
         text, audio = [0.0, 0], [[0.0, 0] for _ in range(self.k)]
+        audio_nll = [0.0] * self.k
 
         def learnt_clip(sentence: str, posterior: np.ndarray) -> dict:
             codes = self.clip(rng, speaker, self.frames(sentence))
-            for k, h in enumerate(self.clip_entropy(codes, posterior)):
+            for k, (h, nll) in enumerate(zip(self.clip_entropy(codes, posterior), self.clip_nll(codes, posterior))):
                 audio[k][0] += h
                 audio[k][1] += codes.shape[1] + 1
+                audio_nll[k] += nll
             text[1] += 3  # <|audio_out_bos|>, <|audio_eos|>, <|eot_id|>: determined by the prompt and the frames
             return {"type": "audio", "audio_url": clip_file(key, codes)}
 
@@ -147,17 +165,30 @@ class Process:
                          {"role": "assistant", "content": " " + answer}]  # leading space: one token per word
             text = [n * math.log(len(self.words)), n + 1]  # the words, then <|eot_id|>
             out = {"id": key, "messages": messages}
-        return out, {"id": key, "text": text, "audio": audio}
+        # Text: every word costs ln W whichever is drawn, so the realised loss is the entropy.
+        return out, {"id": key, "text": text, "audio": audio, "text_nll": text[0], "audio_nll": audio_nll}
 
 
 def floor(records: list[dict], num_codebooks: int, text_head: int, ids_per_codebook: int) -> dict:
-    """The loss floor of a set of samples: ratios of summed entropies to learnt labels, as the losses are."""
+    """The loss floor of a set of samples: ratios of summed entropies to learnt labels, as the losses are.
+
+    The floor is an expectation given the samples' prompts. A perfect model's loss on these very samples is the
+    process's own -log p of their labels (`process_*`), which scatters about the floor with the standard error
+    `*_floor_se`: samples are independent, and each one's realised -log p minus its entropy has mean 0."""
     text = np.sum([r["text"] for r in records], axis=0)
     audio = np.sum([r["audio"] for r in records], axis=0)  # [K, 2]
-    per_codebook = (audio[:, 0] / audio[:, 1]).tolist()
-    return {"text_floor": float(text[0] / text[1]), "audio_floor": float(sum(per_codebook)),
-            "audio_floor_per_codebook": per_codebook, "uniform_text": math.log(text_head),
-            "uniform_audio": num_codebooks * math.log(ids_per_codebook),
+    per_codebook = audio[:, 0] / audio[:, 1]
+    entropy = np.array([[a[0] for a in r["audio"]] for r in records])  # [N, K]
+    nll = np.array([r["audio_nll"] for r in records])  # [N, K]
+    deviation = ((nll - entropy) / audio[:, 1]).sum(1)  # each sample's share of the summed audio loss
+    text_nll = np.array([r["text_nll"] for r in records])
+    text_deviation = (text_nll - np.array([r["text"][0] for r in records])) / text[1]
+    return {"text_floor": float(text[0] / text[1]), "audio_floor": float(per_codebook.sum()),
+            "audio_floor_per_codebook": per_codebook.tolist(),
+            "process_text": float(text_nll.sum() / text[1]), "process_audio": float((nll.sum(0) / audio[:, 1]).sum()),
+            "text_floor_se": float(math.sqrt((text_deviation ** 2).sum())),
+            "audio_floor_se": float(math.sqrt((deviation ** 2).sum())),
+            "uniform_text": math.log(text_head), "uniform_audio": num_codebooks * math.log(ids_per_codebook),
             "text_labels": int(text[1]), "audio_labels": [int(n) for n in audio[:, 1]], "samples": len(records)}
 
 

@@ -267,7 +267,10 @@ class ShardLoader:
         if self.position < len(self):
             rank_epoch = _RankEpoch(self.files, self.collator, [plan.slots[s] for s in self.my_slots],
                                     self.position)
-            loader = DataLoader(rank_epoch, batch_size=None, collate_fn=_identity, num_workers=self.num_workers)
+            # A generator of its own: DataLoader would otherwise draw its workers' base seed from the global RNG on
+            # every iter(), so a run resumed mid-epoch would see other dropout masks than an uninterrupted one.
+            loader = DataLoader(rank_epoch, batch_size=None, collate_fn=_identity, num_workers=self.num_workers,
+                                generator=torch.Generator().manual_seed(self.seed))
             for batch, report in loader:
                 self._counts.update(report["counts"])
                 for message in report["messages"]:

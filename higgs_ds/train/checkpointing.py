@@ -111,6 +111,10 @@ def run_config(tag: Path) -> dict[str, Any]:
 def consolidated_state(tag: Path) -> dict[str, Any]:
     """The fp32 weights of a ZeRO checkpoint, lazily gathered (DeepSpeed's zero_to_fp32 lazy mode: each tensor
     is assembled from the memory-mapped partitions when `.contiguous()` is called on it)."""
+    import contextlib
+    import sys
+
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name, lazy_mode=True)
+    with contextlib.redirect_stdout(sys.stderr):  # its progress lines; stdout stays the caller's (evaluate --json)
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name, lazy_mode=True)

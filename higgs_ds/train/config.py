@@ -8,6 +8,7 @@ Everything here runs before any process group forms, so a bad config stops every
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -86,7 +87,7 @@ class TrainSection:
     keep_last: int = 2  # complete checkpoints kept
     max_skipped_steps: int = 5  # steps in a row with a non-finite loss/gradient (skipped) before the run stops
     resume: str = "none"  # none | auto (newest complete checkpoint in out_dir, if any) | a checkpoint directory
-    seed: int = 0
+    seed: int = 0  # each rank's runtime RNG (dropout) is seeded seed + rank after the weights' init (model.init_seed)
     trace_samples: bool = False  # every rank writes OUT/trace/rank{r}.jsonl: the sample keys of each micro-batch
     hooks: list[str] = field(default_factory=list)  # "module:Class" StepHooks built on rank 0 with the RunConfig
     tensorboard: bool = True  # OUT/tensorboard event files (higgs_ds.hooks.TensorBoardHook)
@@ -103,7 +104,7 @@ class LoraSection:
     preset: str = "all_linear"  # attention | attention_text_mlp | all_linear (every decoder linear, both DualFFN paths)
     targets: Optional[list[str]] = None  # instead of the preset: regexes of module names
     # Parameters trained in full beside the adapters (regexes of parameter names); default: the audio embedding
-    # and the audio head (25 M at the release's widths). The 394 M text head/embedding work too, at full cost.
+    # and the audio head (25 M each at the release's widths). The 394 M text head/embedding work too, at full cost.
     train_in_full: list[str] = field(default_factory=lambda: [r"^model\.embed_audio_tokens\.", r"^audio_lm_head\."])
 
 
@@ -214,6 +215,9 @@ def check(config: RunConfig) -> None:
              "with LoRA, what trains beside the adapters is lora.train_in_full (leave train.freeze=none, "
              "train.trainable unset)")
         need(0 <= lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {lora.dropout}")
+        # alpha 0 zeroes the adapters' output and their gradient: only the extras would train, silently
+        need(lora.alpha is None or (math.isfinite(lora.alpha) and lora.alpha > 0), "lora.alpha",
+             f"must be > 0 (or null: 2 × rank), got {lora.alpha}")
         need(lora.targets is not None or lora.preset in LORA_PRESETS, "lora.preset",
              f"expected one of {sorted(LORA_PRESETS)} (or lora.targets), got {lora.preset!r}")
     need(o.lr > 0 and 0 <= o.min_lr_ratio <= 1, "optim.lr / optim.min_lr_ratio", "need lr > 0, 0 <= ratio <= 1")

@@ -16,6 +16,9 @@ from ..data.tokens import SpecialTokens
 from ..model import HiggsAudioForTraining, LossConfig, read_model_config
 from ..model.losses import means_of_sums
 from . import checkpointing
+from .config import LoraSection
+from .lora import apply_lora
+from .weights import load_pretrained
 
 
 def evaluate(checkpoint: Path, split: str, max_tokens: int | None = None) -> dict[str, float]:
@@ -28,9 +31,19 @@ def evaluate(checkpoint: Path, split: str, max_tokens: int | None = None) -> dic
     tokens = SpecialTokens.from_tokenizer(tokenizer, model_config.pad_token_id)
     model = HiggsAudioForTraining(model_config, LossConfig(m["text_weight"], m["audio_weight"], m["audio_reduction"]),
                                   attn_implementation=m["attn_implementation"], head_impl=m["head_impl"])
+    lora = LoraSection(**run["lora"]) if run.get("lora", {}).get("rank") else None
+    if lora is not None:  # the checkpoint holds the adapters and the extras; the base is the pretrained checkpoint
+        load_pretrained(model, m["pretrained"], model_config)
+        apply_lora(model, lora)
     params = dict(model.named_parameters())
+    state = checkpointing.consolidated_state(checkpoint)
+    unknown = sorted(state.keys() - params.keys())
+    missing = sorted(name for name, p in params.items() if name not in state and (lora is None or p.requires_grad))
+    if unknown or missing:
+        raise ValueError(f"{checkpoint}: the checkpoint does not fit the run's model: "
+                         f"unexpected {unknown[:5]}, missing {missing[:5]}")
     with torch.no_grad():
-        for name, tensor in checkpointing.consolidated_state(checkpoint).items():
+        for name, tensor in state.items():
             params[name].copy_(tensor.contiguous())  # one tensor gathered at a time
     model.eval()
     collator = Collator(tokens, model_config.audio, layout=d["layout"], round_to=d["round_to"],

@@ -3,6 +3,9 @@ its config.json and the run's tokenizer files (a LoRA run: adapters merged into 
 the adapter alone in PEFT's format), loadable by `HiggsAudioV2ForConditionalGeneration.from_pretrained`
 (port) and upstream boson-multimodal / `higgs_ds.model.load_model` (both).
 
+A model directory (config.json + safetensors of either layout, e.g. the boson release) is rewritten in the other
+layout the same way, each tensor in its stored dtype: the port-layout base a PEFT adapter loads onto.
+
 DeepSpeed's zero_to_fp32 in lazy mode memory-maps the fp32 partitions; each output shard is gathered only while it
 is written (higgs_ds.model.save_checkpoint), so the export never holds the whole model."""
 from __future__ import annotations
@@ -13,10 +16,10 @@ import sys
 from pathlib import Path
 
 from ..model import read_model_config, save_checkpoint
-from ..model.checkpoint import expected_shapes
+from ..model.checkpoint import check_state_dict, expected_shapes, weight_files
 from . import checkpointing
 from .config import LoraSection
-from .lora import ADAPTER, alpha_of, merged_state, save_peft_adapter
+from .lora import ADAPTER, Lazy, alpha_of, merged_state, save_peft_adapter
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja")
@@ -31,23 +34,49 @@ def export(checkpoint: Path, out: Path, layouts: list[str], max_shard_bytes: int
                                      AutoTokenizer.from_pretrained(str(tokenizer_dir)))
     state = checkpointing.consolidated_state(checkpoint)
     lora = LoraSection(**run["lora"]) if run.get("lora", {}).get("rank") else None
+    trained = None
     if lora is not None:  # the checkpoint holds the adapters and the parameters trained in full only
         expected = expected_shapes(model_config)
         trained = {k: v for k, v in state.items() if ADAPTER in k or k in expected}
-        merged = merged_state(run["model"]["pretrained"], trained, alpha_of(lora) / lora.rank)
+        state = merged_state(run["model"]["pretrained"], trained, alpha_of(lora) / lora.rank)
     elif "peft" in layouts:
         raise ValueError(f"{checkpoint}: --layout peft exports LoRA adapters, and this run trained without LoRA "
                          "(lora.rank=0)")
+    peft = (lambda target: save_peft_adapter(trained, target, lora, base_model=run["model"]["pretrained"]))
+    return write(state, model_config, out, layouts, tokenizer_dir, max_shard_bytes, peft)
+
+
+def convert(model_dir: Path, out: Path, layouts: list[str], tokenizer_dir: Path,
+            max_shard_bytes: int = 5 * 2**30) -> list[Path]:
+    """A model directory of either layout rewritten in `layouts`, tensor by tensor, each in its stored dtype."""
+    from transformers import AutoTokenizer
+
+    from .weights import read_tensor, stored_dtype, weight_plan
+
+    if "peft" in layouts:
+        raise ValueError(f"{model_dir}: a model directory has no LoRA adapter to export (--layout peft)")
+    if not any((tokenizer_dir / name).exists() for name in TOKENIZER_FILES[:2]):
+        raise ValueError(f"{tokenizer_dir}: no tokenizer here (tokenizer.json / tokenizer_config.json); the token ids "
+                         "of the config come from it: pass --tokenizer DIR")
+    model_config = read_model_config(model_dir, AutoTokenizer.from_pretrained(str(tokenizer_dir)))
+    state = {name: Lazy(lambda sources=sources: read_tensor(sources), shape, stored_dtype(sources))
+             for name, (sources, shape) in weight_plan(model_dir).items()}
+    check_state_dict(state, expected_shapes(model_config), str(model_dir))
+    return write(state, model_config, out, layouts, tokenizer_dir, max_shard_bytes)
+
+
+def write(state: dict, model_config, out: Path, layouts: list[str], tokenizer_dir: Path, max_shard_bytes: int,
+          peft=None) -> list[Path]:
+    """Each layout into its own folder (the folder itself for one layout), with the tokenizer files."""
     written = []
     for layout in layouts:
         target = out / layout if len(layouts) > 1 else out
         if target.exists() and any(target.iterdir()):
             raise SystemExit(f"{target}: exists and is not empty")
         if layout == "peft":
-            save_peft_adapter(trained, target, lora, base_model=run["model"]["pretrained"])
+            peft(target)
         else:
-            save_checkpoint(merged if lora is not None else state, model_config, target, layout=layout,
-                            max_shard_bytes=max_shard_bytes)
+            save_checkpoint(state, model_config, target, layout=layout, max_shard_bytes=max_shard_bytes)
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).exists():
                 shutil.copy2(tokenizer_dir / name, target / name)
@@ -55,22 +84,45 @@ def export(checkpoint: Path, out: Path, layouts: list[str], max_shard_bytes: int
     return written
 
 
+def is_model_dir(path: Path) -> bool:
+    """config.json and weights, and no training checkpoint: a pretrained or exported model."""
+    if any((path / name).exists() for name in (checkpointing.COMPLETE, "checkpoints")):
+        return False
+    if not (path / "config.json").is_file():
+        return False
+    try:
+        return bool(weight_files(path))
+    except (OSError, ValueError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="launch/export.py", description="Export a higgs-ds training checkpoint "
-                                     "to consolidated safetensors (transformers and/or boson layout).")
-    parser.add_argument("checkpoint", type=Path, help="checkpoint tag directory, or a run's out_dir")
-    parser.add_argument("--out", type=Path, required=True, help="output directory (one subfolder per layout)")
+                                     "to consolidated safetensors (transformers and/or boson layout, or a LoRA run's "
+                                     "PEFT adapter); or rewrite a model directory (e.g. the boson release) in the "
+                                     "other layout.")
+    parser.add_argument("checkpoint", type=Path, help="checkpoint tag directory, a run's out_dir, or a model "
+                                                      "directory (config.json + safetensors) to convert")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output directory (with several layouts: one subfolder per layout)")
     parser.add_argument("--layout", choices=("port", "boson", "both", "peft", "all"), default="both",
                         help="port = transformers' HiggsAudioV2ForConditionalGeneration; boson = upstream's (a LoRA "
                              "run's adapters merged into full weights); peft = a LoRA run's adapter alone in PEFT's "
                              "format, for PeftModel.from_pretrained on the port; all = port, boson and peft")
+    parser.add_argument("--tokenizer", type=Path, help="converting a model directory: its tokenizer (default: the "
+                                                       "tokenizer files in that directory)")
     parser.add_argument("--max-shard-bytes", type=int, default=5 * 2**30)
     args = parser.parse_args(argv)
     layouts = {"both": ["port", "boson"], "all": ["port", "boson", "peft"]}.get(args.layout, [args.layout])
     try:
-        for path in export(checkpointing.resolve(args.checkpoint), args.out, layouts, args.max_shard_bytes):
-            print(f"wrote {path}")
-    except ValueError as exc:
+        if is_model_dir(args.checkpoint):
+            written = convert(args.checkpoint, args.out, layouts, args.tokenizer or args.checkpoint,
+                              args.max_shard_bytes)
+        else:
+            written = export(checkpointing.resolve(args.checkpoint), args.out, layouts, args.max_shard_bytes)
+    except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for path in written:
+        print(f"wrote {path}")
     return 0

@@ -1,4 +1,4 @@
-"""LoRA target presets on the DualFFN decoder (issue 10, first part: which modules, checked; PEFT injects them).
+"""LoRA on the DualFFN decoder: target presets (which modules, checked), PEFT injection, merge and adapter export.
 
 Anchored patterns over HiggsAudioForTraining's module names, so that a text-MLP preset never also wraps
 `audio_mlp` (a bare "gate_proj" would match both):
@@ -28,9 +28,12 @@ def lora_targets(model: torch.nn.Module, preset: str | None = "all_linear", patt
             raise ValueError(f"lora preset {preset!r}: expected one of {sorted(PRESETS)}")
         patterns = list(PRESETS[preset])
     compiled = [re.compile(p) for p in patterns]
-    chosen = [(name, module) for name, module in model.named_modules() if any(p.search(name) for p in compiled)]
-    if not chosen:
-        raise ValueError(f"lora targets {patterns}: no module of the model matches (names look like "
+    modules = list(model.named_modules())
+    chosen = [(name, module) for name, module in modules if any(p.search(name) for p in compiled)]
+    # Each pattern must name something: a typo beside a good pattern would otherwise adapt less than asked, quietly.
+    idle = [p.pattern for p in compiled if not any(p.search(name) for name, _ in modules)]
+    if idle:
+        raise ValueError(f"lora targets {idle}: no module of the model matches (names look like "
                          "model.layers.0.self_attn.q_proj, model.layers.0.audio_mlp.gate_proj)")
     for name, module in chosen:
         if not isinstance(module, torch.nn.Linear):
@@ -71,6 +74,12 @@ def select(model: torch.nn.Module, section) -> tuple[list[str], list[str]]:
             raise ValueError(f"lora.train_in_full {pattern!r}: no parameter of the model matches (names look like "
                              f"{names[0]}, {names[-1]})")
         extras += [name for name in found if name not in extras]
+    # A LoRA target's weight becomes <module>.base_layer.weight (frozen) once PEFT wraps it: it cannot also train
+    # in full under its old name.
+    both = sorted(set(extras) & {f"{t}.{kind}" for t in targets for kind in ("weight", "bias")})
+    if both:
+        raise ValueError(f"lora.train_in_full names parameters of LoRA target modules ({both[:3]}"
+                         f"{' …' if len(both) > 3 else ''}): adapt them or train them in full, not both")
     return targets, extras
 
 
@@ -111,13 +120,13 @@ class Merged:
 
 
 class Lazy:
-    """A base weight read from the pretrained checkpoint when written (as fp32, like a full fine-tune's export)."""
+    """A checkpoint tensor read when it is written (by default as fp32, like a full fine-tune's export)."""
 
-    def __init__(self, read, shape: tuple[int, ...]):
-        self.read, self.shape, self.dtype = read, torch.Size(shape), torch.float32
+    def __init__(self, read, shape: tuple[int, ...], dtype: torch.dtype = torch.float32):
+        self.read, self.shape, self.dtype = read, torch.Size(shape), dtype
 
     def contiguous(self) -> torch.Tensor:
-        return self.read().float().contiguous()
+        return self.read().to(self.dtype).contiguous()
 
 
 def _materialize(tensor) -> torch.Tensor:

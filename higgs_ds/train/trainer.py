@@ -3,8 +3,9 @@
 One optimizer step: take the step's `grad_accum` micro-batches first, sum their learnable counts and all-reduce
 them, then run each forward with that global `LossNorm` (grad_scale = world × accumulation undoes DeepSpeed's mean
 over ranks and micro-batches), so the step's gradient is the single-process gradient of the whole step's data.
-Every logged value is all-reduced. Rank 0 hands each step's values to the hooks (`StepHook`), and a hook's stop
-request reaches every rank through a broadcast flag."""
+Losses, token counts and the stream's counters are all-reduced (time/* and memory/* are rank 0's own). Rank 0
+hands each step's values to the hooks (`StepHook`), and a hook's stop request reaches every rank through a broadcast
+flag."""
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ from ..data.batch import Batch
 from ..data.collator import Collator
 from ..data.packing import ceil_div
 from ..data.shards import FetchError, Manifest, check_fingerprint, data_fingerprint
-from ..data.stream import ShardLoader
+from ..data.stream import COUNTERS, ShardLoader
 from ..data.tokens import SpecialTokens
 from ..model import HiggsAudioForTraining, LossConfig, LossNorm, learnable_counts, read_model_config
 from ..model.losses import means_of_sums
@@ -49,7 +50,7 @@ class StepReport:
     metrics: dict[str, float]  # loss/..., lr, grad_norm, throughput/..., counts
     rank_learnable: list[list[int]]  # per rank: [text, audio] learnable tokens this step
     predictions: dict[str, Any] | None = None  # rank 0's last micro-batch: model predictions, labels, sample keys
-    stream: dict[str, int] = field(default_factory=dict)
+    stream: dict[str, int] = field(default_factory=dict)  # the stream's counters summed over ranks; epoch, position
 
 
 class StepHook(Protocol):
@@ -247,6 +248,9 @@ class Trainer:
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         self.engine, self.optimizer, _, self.schedule = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds)
+        # Runtime randomness (dropout): a seed per rank, so ranks draw different masks; the weights' init above used
+        # model.init_seed on every rank alike. torch.manual_seed seeds the accelerators' generators too.
+        torch.manual_seed(t.seed + self.rank)
         self.step = 0
         self._step_seconds: list[float] = []  # this process's step times (ETA)
         self.skipped_in_a_row = self.skipped_total = 0
@@ -257,7 +261,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ checkpoints
 
     def save(self) -> Path:
-        state = {"stream": self.loader.state_dict(), "torch_rng": torch.get_rng_state()}
+        state = {"stream": self.loader.state_dict(), **rng_state(self.device)}
         client = {"step": self.step, "fingerprint": self.fingerprint, "world_size": self.world}
         crash = os.environ.get("HIGGS_DS_TEST_CRASH_IN_SAVE") == str(self.step)
         path = checkpointing.save(self.engine, self.checkpoints, self.step, state, client, self.rank,
@@ -327,7 +331,7 @@ class Trainer:
             group["lr"] = lr
         self.schedule.last_epoch, self.schedule._last_lr = self.step, lrs
         if self.rank < self.saved_world:
-            torch.set_rng_state(states[self.rank]["torch_rng"])
+            set_rng_state(states[self.rank], self.device)
         if self.rank == 0:
             log.info("resumed from %s at step %d%s", path, self.step, "" if self.saved_world == self.world else
                      f" (saved on {self.saved_world} ranks, running on {self.world}: universal checkpoint, the "
@@ -390,9 +394,14 @@ class Trainer:
             skipped = self.engine.skipped_steps > skipped_before
             self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
             self.skipped_total += int(skipped)
-            metrics = self._metrics(self._all_reduce(sums), k, time.perf_counter() - started, data_time)
+            # One all-reduce for the step's loss sums and every rank's stream counters (data/* is the whole run's).
+            counters = self.loader.stats()
+            reduced = self._all_reduce(torch.cat([sums, sums.new_tensor([counters[c] for c in COUNTERS])]))
+            data_counts = {**counters, **{c: int(v) for c, v in zip(COUNTERS, reduced[-len(COUNTERS):].tolist())}}
+            metrics = self._metrics(reduced[:-len(COUNTERS)], k, time.perf_counter() - started, data_time)
             metrics.update({"train/step_skipped": float(skipped), "train/skipped_steps": float(self.skipped_total)})
-            stop = self._report(metrics, everyone, predictions, skipped) if self.rank == 0 else torch.zeros(1)
+            stop = (self._report(metrics, everyone, predictions, skipped, data_counts) if self.rank == 0
+                    else torch.zeros(1))
             if self.skipped_in_a_row >= t.max_skipped_steps:  # the same on every rank: the norm is global
                 raise TrainingStopped(f"stopping at step {self.step}: {self.skipped_in_a_row} steps in a row had a "
                                       "non-finite loss or gradient and were skipped (train.max_skipped_steps="
@@ -466,7 +475,8 @@ class Trainer:
                                    audio_out_mask=batch.audio_out_mask)
         return torch.cat([sums, sums.new_tensor([tokens, samples])]), predictions
 
-    def _report(self, metrics: dict, everyone: torch.Tensor, predictions: dict | None, skipped: bool) -> torch.Tensor:
+    def _report(self, metrics: dict, everyone: torch.Tensor, predictions: dict | None, skipped: bool,
+                stream: dict[str, int]) -> torch.Tensor:
         """Rank 0: the step line, metrics.jsonl, the hooks; the stop flag (0 go on, 1 stop, 2 a guard failed)."""
         t = self.config.train
         if skipped:
@@ -476,7 +486,7 @@ class Trainer:
             print(self._line(metrics), flush=True)
         with open(Path(t.out_dir) / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps({"step": self.step, **metrics}) + "\n")
-        report = StepReport(self.step, self.total_steps, metrics, everyone.tolist(), predictions, self.loader.stats())
+        report = StepReport(self.step, self.total_steps, metrics, everyone.tolist(), predictions, stream)
         hooks_started = time.perf_counter()
         for hook in list(self.hooks):
             try:
@@ -548,6 +558,29 @@ class Trainer:
         return metrics
 
 
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's RNG states for a checkpoint: the CPU generator, and the accelerator's (where dropout draws on
+    a GPU) when the model runs on one."""
+    state = {"torch_rng": torch.get_rng_state()}
+    if device.type != "cpu":
+        import deepspeed
+
+        state["device_rng"] = deepspeed.get_accelerator().get_rng_state(device.index).cpu()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    if device.type != "cpu":
+        import deepspeed
+
+        if "device_rng" in state:
+            deepspeed.get_accelerator().set_rng_state(state["device_rng"], device.index)
+        else:  # saved on the CPU: the run goes on, its dropout masks differ from an uninterrupted run's
+            log.warning("the checkpoint holds no %s RNG state (saved on the CPU): dropout is not resumed exactly",
+                        device.type)
+
+
 def release_shared_memory() -> None:
     """DeepSpeed 0.19.8's CPU shared-memory all-reduce leaves /dev/shm/deepspeed_allreduce_buffer_* behind (≈ 66 MiB
     of RAM per rank and launch, never freed): after a last barrier each rank unlinks its own."""
@@ -585,13 +618,13 @@ def run(config: RunConfig, dry: bool = False, hooks: list[StepHook] = (), world_
     setup = preflight(config, world_size)  # before any process group: bad configs stop every rank here
     for spec in config.train.hooks:
         load_hook(spec)
+    if dry:  # stdout holds the JSON alone (`--dry-run > plan.json`); the summaries go to stderr
+        report = dry_run(setup)
+        print(f"{setup.masking}\nmemory: {report['memory_estimate']['summary']}", file=sys.stderr, flush=True)
+        print(json.dumps(report, indent=1, default=str), flush=True)
+        return 0
     if int(os.environ.get("RANK", 0)) == 0:
         print(setup.masking, flush=True)
-    if dry:
-        report = dry_run(setup)
-        print(f"memory: {report['memory_estimate']['summary']}", flush=True)
-        print(json.dumps(report, indent=1, default=str))
-        return 0
     import deepspeed
     import torch.distributed as dist
 

@@ -73,6 +73,19 @@ def read_tensor(sources: list[Source]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def stored_dtype(sources: list[Source]) -> torch.dtype:
+    """The dtype a weight is stored in, from its safetensors header."""
+    file, key = sources[0]
+    with safe_open(str(file), framework="pt") as handle:
+        name = handle.get_slice(key).get_dtype()
+    if name not in SAFETENSORS_DTYPES:
+        raise ValueError(f"{file}: tensor {key} is stored as {name}, not a floating-point weight")
+    return SAFETENSORS_DTYPES[name]
+
+
 def stream_port_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(port-layout name, tensor) for every weight of a checkpoint of either layout, one at a time."""
     for name, (sources, _) in sorted(weight_plan(path).items()):
