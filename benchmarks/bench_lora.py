@@ -275,7 +275,7 @@ def measured(args) -> list[dict]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--timeout", type=int, default=240, help="seconds per launch")
     parser.add_argument("--skip-measured", action="store_true")

@@ -67,7 +67,7 @@ def time_steps(step, steps: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1)
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=3)

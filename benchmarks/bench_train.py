@@ -499,7 +499,7 @@ def print_throughput(results: dict, max_tokens: int, args) -> None:
 # ---------------------------------------------------------------------------------------------------- main
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3, help="timed steps of (b)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up steps of (b)")
     parser.add_argument("--max-tokens", default="1024,2048", help="batch budgets of (b), positions per rank")

@@ -268,8 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=_prog("higgs-shards", "python -m data_tools.shard_tools"),
                                 description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
+    what = {"inspect": "render one sample with its learnable spans marked ⟦…⟧ and its audio segments, the masking "
+                       "statistics per role and modality, and optionally dump the collated batch",
+            "validate": "read every shard completely and report every problem by shard and key (tar integrity, "
+                        "schema, codes, placeholders, the manifest); exit 1 if anything is bad"}
     for name in ("inspect", "validate"):
-        cmd = sub.add_parser(name)
+        cmd = sub.add_parser(name, help=what[name], description=what[name])
         if name == "inspect":
             cmd.add_argument("target", type=Path, help="a shard, a split directory or a build directory")
             cmd.add_argument("--key", help="sample key or tar key to show (default: the first sample)")
