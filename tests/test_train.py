@@ -23,6 +23,8 @@ from higgs_ds.data.tokens import AudioSettings, SpecialTokens
 from higgs_ds.model import HiggsAudioForTraining, LossNorm, learnable_counts, load_model, read_model_config
 from higgs_ds.model.checkpoint import save_checkpoint
 from higgs_ds.train import main as train_main
+from higgs_ds.train.config import LoraSection
+from higgs_ds.train.lora import apply_lora
 import processes
 from higgs_ds.train.components import warmup_cosine
 from higgs_ds.train.export import main as export_main
@@ -241,10 +243,12 @@ def chat(tokenizer, tokens, key: str, kind: str, rng):
 
 
 @pytest.mark.slow
-def test_two_ranks_two_micro_batches_give_the_single_process_gradient(tmp_path, tokenizer, tokens):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_two_ranks_two_micro_batches_give_the_single_process_gradient(tmp_path, tokenizer, tokens, lora):
     """SGD, 2 steps of 2 ranks × 2 micro-batches of 2 samples. Rank 1's first step: a text-only micro-batch and one
     with nothing to learn; its second step: nothing to learn at all. The trained weights must equal two plain SGD
-    steps on each step's 8 samples with the global mean; per-micro-batch means would give other weights."""
+    steps on each step's 8 samples with the global mean; per-micro-batch means would give other weights. With LoRA
+    (adapters + the audio extras trained) the same holds for every trained parameter."""
     rng = np.random.default_rng(4)
     kinds = ["audio", "text", "audio", "audio", "text", "audio", "audio", "text",  # rank 0, steps 1 and 2
              "text", "text", "nothing", "nothing", "nothing", "nothing", "nothing", "nothing"]  # rank 1
@@ -264,12 +268,17 @@ def test_two_ranks_two_micro_batches_give_the_single_process_gradient(tmp_path, 
               "batch_size": 2, "round_to": 8, "num_workers": 0, "shuffle": False},
         optim={"name": "sgd", "lr": 0.5, "warmup_steps": 0, "min_lr_ratio": 1.0, "grad_clip": 0.0},
         train={"out_dir": str(out), "deepspeed": str(CPU_DS), "precision": "fp32", "grad_accum": 2, "epochs": 1,
-               "trace_samples": True})
+               "trace_samples": True, "save_every": 1, "keep_last": 2},
+        lora={"rank": 4, "alpha": 3.0} if lora else {})
     code, output = launch(config)
     assert code == 0, output[-3000:]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     trained = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step00000002")
+    if lora:  # PEFT's random lora_A init is the run's: B = 0 leaves A untouched by step 1, so step 1 holds it
+        first = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step00000001")
+        initial_a = {n: v for n, v in first.items() if ".lora_A." in n}
+        assert len(initial_a) == 20 and set(trained) == set(first)
 
     # Which samples each (rank, step, micro-batch) got, from the engine's own trace.
     by_key = {s.key: s for s in samples}
@@ -283,6 +292,10 @@ def test_two_ranks_two_micro_batches_give_the_single_process_gradient(tmp_path, 
 
     def sgd(per_micro_batch_mean: bool) -> dict[str, torch.Tensor]:
         model = load_model(tmp_path / "start")
+        if lora:
+            apply_lora(model, LoraSection(rank=4, alpha=3.0))
+            missing, unexpected = model.load_state_dict(initial_a, strict=False)
+            assert not unexpected
         for step in (1, 2):
             batches = [collator([by_key[k] for k in keys]) for keys in groups[step]]
             counts = [learnable_counts(b) for b in batches]
@@ -296,15 +309,19 @@ def test_two_ranks_two_micro_batches_give_the_single_process_gradient(tmp_path, 
                 loss.backward()
             with torch.no_grad():
                 for param in model.parameters():
-                    param -= 0.5 * param.grad
-        return model.state_dict()
+                    if param.requires_grad:
+                        param -= 0.5 * param.grad
+        return {n: p for n, p in model.state_dict().items() if n in trained}  # what the run trained
 
     def rel_err(a: dict, b: dict) -> float:
         return max(((a[n] - b[n]).abs().max() / b[n].abs().max().clamp_min(1e-12)).item() for n in b)
 
     expected, wrong = sgd(False), sgd(True)
-    moved = rel_err(trained, start.state_dict())
+    assert set(expected) == set(trained)
+    moved = rel_err(trained, {n: v for n, v in start.state_dict().items() if n in trained})
     assert moved > 1e-2, "the steps changed the weights"
+    if lora:
+        assert rel_err({n: trained[n] for n in initial_a}, initial_a) > 1e-3, "step 2 trained the adapters' A"
     assert rel_err(trained, expected) <= 1e-5
     assert rel_err(wrong, expected) > 1e-3, "the test tells the global mean from per-micro-batch means"
 
