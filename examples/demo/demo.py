@@ -212,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             ("uniform baseline", floor["uniform_text"], floor["uniform_audio"])]
     for name, text, audio in rows:
         print(f"{name:26s}{text:10.4f}{audio:10.4f}")
-    print(f"(a perfect model's loss on these val samples scatters about the floor: ± {floor['text_floor_se']:.4f} "
-          f"text, ± {floor['audio_floor_se']:.4f} audio at one standard error)")
+    print(f"(the floor is an expectation: a perfect model's loss on these val samples is the row below it; their "
+          f"standard error about the floor: {floor['text_floor_se']:.4f} text, {floor['audio_floor_se']:.4f} audio)")
     for m in ("text", "audio"):
         share = gap(run_eval[m], floor[f"{m}_floor"], floor[f"uniform_{m}"])
         noise = NOISE_SE * floor[f"{m}_floor_se"]
