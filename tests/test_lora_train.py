@@ -5,13 +5,18 @@ settings stop before any process group."""
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from safetensors.torch import load_file
+
+import processes
 
 from conftest import TINY_TOKENIZER
 from higgs_ds.data.collator import Collator
@@ -22,8 +27,8 @@ from higgs_ds.train.config import LoraSection
 from higgs_ds.train.export import main as export_main
 from higgs_ds.train.lora import apply_lora
 from test_stream import make_samples
-from test_train import (base_config, corpus, kill_after_save, launch, losses, no_leftover_shared_memory,  # noqa: F401
-                        write_yaml)
+from test_train import (DEEPSPEED, ROOT, base_config, corpus, kill_after_save, launch, losses,  # noqa: F401
+                        no_leftover_shared_memory, write_yaml)
 
 # alpha is not the default 2 × rank (a scaling taken from the wrong place shows); dropout > 0 (resume must restore
 # every rank's RNG for the masks to repeat).
@@ -83,8 +88,6 @@ def test_a_two_rank_zero3_lora_run_trains_only_the_adapters_and_extras(lora_run,
 
 @pytest.mark.slow
 def test_the_lora_checkpoint_holds_only_the_trained_parameters(lora_run, pretrained):
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     _, out, _ = lora_run
     tag = out / "checkpoints" / "step00000007"
     state = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
@@ -121,6 +124,32 @@ def test_kill_9_then_resume_of_a_lora_run_continues_exactly(corpus, pretrained, 
 
 
 @pytest.mark.slow
+def test_a_lora_run_resumes_on_another_world_size(corpus, pretrained, lora_run, tmp_path):
+    """The 2-rank run's step-6 checkpoint resumed on 1 rank (DeepSpeed's universal checkpoint of an adapter-only
+    checkpoint): the trained parameters come back exactly, the base from model.pretrained, and the run goes on."""
+    config, ref_out, _ = lora_run
+    tag = ref_out / "checkpoints" / "step00000006"
+    saved = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+    command = [str(DEEPSPEED), "--num_gpus", "1", "--master_port", str(29350 + os.getpid() % 40),
+               str(ROOT / "launch" / "train.py"), "--config", str(config), f"train.resume={tag}",
+               f"train.out_dir={tmp_path / 'one'}"]
+    env = {**os.environ, "HIGGS_DS_TEST_DUMP_WEIGHTS": str(tmp_path / "loaded.safetensors")}
+    loaded = processes.run([*command, "train.max_steps=6"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert loaded.returncode == 0, loaded.stdout[-3000:] + loaded.stderr[-3000:]
+    assert "saved on 2 ranks, running on 1: universal checkpoint" in loaded.stdout + loaded.stderr
+    weights, base = load_file(str(tmp_path / "loaded.safetensors")), base_weights(pretrained)
+    assert set(saved) < set(weights)
+    for name, value in weights.items():
+        want = saved[name] if name in saved else base[name.replace(".base_layer.", ".")]
+        assert torch.equal(value, want), name
+    going_on = processes.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert going_on.returncode == 0, going_on.stdout[-3000:] + going_on.stderr[-3000:]
+    steps = losses(tmp_path / "one")
+    assert min(steps) == 7 and all(math.isfinite(v) for v in steps.values()), steps
+
+
+@pytest.mark.slow
 def test_evaluate_on_a_lora_checkpoint_gives_the_runs_own_eval(lora_run, corpus, capsys):
     """launch/evaluate.py rebuilds the base from model.pretrained and adds the checkpoint's adapters and extras."""
     from higgs_ds.train.evaluate import main as evaluate_main
@@ -146,8 +175,6 @@ def merged_exports_give_the_unmerged_logits(out: Path, tag: str, pretrained: Pat
                                              tokens) -> tuple[Collator, object]:
     """Both merged layouts of `export` (launch/export.py) against the unmerged model rebuilt from the run's
     checkpoint `tag` in one process; returns the batch and the unmerged logits."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     state = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=tag)
     reference = unmerged(pretrained, {n: v for n, v in state.items() if ".lora_" in n or n in EXTRAS})
     batch = Collator(tokens, reference.model_config.audio)(make_samples(6, tokenizer, tokens, seed=11))

@@ -3,6 +3,7 @@ mid-epoch resume, and corrupt data skipped and counted instead of crashing."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import shutil
@@ -521,16 +522,51 @@ def test_resume_at_another_world_size_consumes_the_rest_of_the_epoch_once(split,
     assert len(set(lengths)) == 1
     assert len(after) == len(set(after)) and not set(after) & set(before)
     assert sorted(before + after) == sorted(s.key for s in samples)
-    # A state saved after the re-plan resumes exactly at the new layout (the exclusion travels with it).
+    # A state saved after the re-plan resumes exactly at the new layout (the exclusion travels with it), through
+    # the rest of this epoch and the next (one batch may finish the epoch: the state is then the next one's start).
+    def through_epoch_1(stream: ShardLoader) -> list:
+        keys = []
+        while stream.epoch < 2:
+            keys += [b.sample_keys for b in stream]
+        return keys
+
     again = loader(0, new_world, new_workers)
     again.load_state_dict(states[0], states)
     iterator = iter(again)
     next(iterator)
     saved = json.loads(json.dumps(again.state_dict()))
-    rest = [b.sample_keys for b in iterator]
+    rest = [b.sample_keys for b in iterator] + through_epoch_1(again)
     repeat = loader(0, new_world, new_workers)
     repeat.load_state_dict(saved)
-    assert [b.sample_keys for b in run_epoch(repeat)] == rest
+    assert through_epoch_1(repeat) == rest
+
+
+def test_a_state_saved_at_an_epochs_end_resumes_with_the_next_epoch_on_any_layout(split, samples, tokens):
+    """Saved right after an epoch's last batch (before the stream moves on): the state is the next epoch's start,
+    so the same layout continues exactly and another one plans the next epoch instead of an empty rest."""
+    collator = Collator(tokens, AUDIO, layout="packed", pack_length=200)
+
+    def loader(rank, world, workers=1):
+        return ShardLoader(split, collator, rank=rank, world_size=world, num_workers=workers, seed=9,
+                           max_tokens=400, num_epochs=2)
+
+    states = []
+    for rank in range(2):
+        old = loader(rank, 2)
+        first = list(itertools.islice(iter(old), len(old)))  # the whole epoch, the generator not yet moved on
+        assert old.epoch == 0 and old.position == len(old) == len(first)
+        states.append(json.loads(json.dumps(old.state_dict())))
+    assert [(s["epoch"], s["position"], s["consumed"]) for s in states] == [(1, 0, {})] * 2
+    for rank in range(2):  # the same layout: exactly what an uninterrupted stream gives in epoch 1
+        reference = loader(rank, 2)
+        run_epoch(reference)
+        resumed = loader(rank, 2)
+        resumed.load_state_dict(states[rank])
+        assert [b.sample_keys for b in run_epoch(resumed)] == [b.sample_keys for b in run_epoch(reference)]
+    one = loader(0, 1)  # another layout: all of epoch 1, re-planned for one slot
+    one.load_state_dict(states[0], states)
+    keys = [k for b in run_epoch(one) for k in b.sample_keys if k != "<blank>"]
+    assert one.epoch == 2 and sorted(keys) == sorted(s.key for s in samples)
 
 
 @pytest.fixture

@@ -302,11 +302,19 @@ class ShardLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able. `consumed`: this epoch's samples each of this rank's slots delivered; `excluded`: samples of
-        this epoch consumed before a re-plan (a resume at another world size), the same on every rank."""
-        excluded = self._excluded_in(self.epoch)
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world_size": self.world_size,
+        this epoch consumed before a re-plan (a resume at another world size), the same on every rank. An epoch
+        whose last batch has been taken is saved as the start of the next one: re-planned at another world size,
+        a finished epoch would have no sample left to give the new slots."""
+        if self.position and self.position >= len(self):
+            return self._state(self.epoch + 1, 0)
+        return self._state(self.epoch, self.position)
+
+    def _state(self, epoch: int, position: int) -> dict[str, Any]:
+        excluded = self._excluded_in(epoch)
+        consumed = self.consumed() if position else {}
+        return {"epoch": epoch, "position": position, "seed": self.seed, "world_size": self.world_size,
                 "num_workers": self.workers, "shards": self.shards_digest, "counts": dict(self._counts),
-                "consumed": {str(s): ids for s, ids in self.consumed().items()},
+                "consumed": {str(s): ids for s, ids in consumed.items()},
                 "excluded": excluded.tolist() if excluded is not None else []}
 
     def load_state_dict(self, state: Mapping[str, Any], all_states: list[Mapping[str, Any]] | None = None) -> None:
