@@ -16,6 +16,7 @@ import io
 import json
 import os
 import re
+from collections import Counter
 import shlex
 import shutil
 import subprocess
@@ -406,6 +407,19 @@ def test_the_reference_scripts_help_without_upstreams_packages(script, tmp_path)
     env = code_env(cwd)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(stub.parent), env.get("PYTHONPATH")]))
     check_help([str(venv_bin() / "python"), str(ROOT / script)], cwd, env)
+
+
+def test_results_has_one_section_per_benchmark_each_with_date_and_command():
+    """benchmarks/RESULTS.md: every bench_*.py has exactly one `## bench_x` section, and each section names a date
+    and the command it ran (a botched edit that repeats or drops text shows here)."""
+    text = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    sections = re.findall(r"^## (bench_\w+)$", text, re.M)
+    assert sorted(sections) == sorted(p.stem for p in (ROOT / "benchmarks").glob("bench_*.py")), sections
+    for name, body in zip(sections, re.split(r"^## bench_\w+$", text, flags=re.M)[1:]):
+        body = body.split("\n## ")[0]
+        assert re.search(r"20\d\d-\d\d-\d\d", body) and f"benchmarks/{name}.py" in body, name
+    prose = Counter(line for line in text.splitlines() if line.strip() and not line.startswith("|"))
+    assert prose.most_common(1)[0][1] <= 3, prose.most_common(1)
 
 
 @pytest.mark.slow
