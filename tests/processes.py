@@ -5,9 +5,18 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 
 import pytest
+
+
+def free_port() -> int:
+    """A port nothing listens on now: launches never meet another job's rendezvous (a fixed port can, and then
+    hangs instead of failing)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def kill_group(process: subprocess.Popen) -> None:

@@ -1,6 +1,5 @@
 """LinearCrossEntropyHead: chunked/materialized losses and gradients against a plain F.linear + F.cross_entropy."""
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -10,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import processes
 from higgs_ds.model import heads
 from higgs_ds.model.heads import HeadLoss, LinearCrossEntropyHead, resolve_impl
 
@@ -233,9 +233,7 @@ def test_zero3_gathers_weight_for_recompute_backward(tmp_path):
     script = tmp_path / "zero3.py"
     script.write_text(ZERO3_SCRIPT)
     repo = Path(__file__).resolve().parents[1]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
+    port = str(processes.free_port())
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                PYTHONPATH=str(repo))
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import warnings
 from pathlib import Path
@@ -15,8 +14,6 @@ import pytest
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from safetensors.torch import load_file
-
-import processes
 
 from conftest import TINY_TOKENIZER
 from higgs_ds.data.collator import Collator
@@ -27,8 +24,8 @@ from higgs_ds.train.config import LoraSection
 from higgs_ds.train.export import main as export_main
 from higgs_ds.train.lora import apply_lora
 from test_stream import make_samples
-from test_train import (DEEPSPEED, ROOT, base_config, corpus, kill_after_save, launch, losses,  # noqa: F401
-                        no_leftover_shared_memory, write_yaml)
+from test_train import (base_config, corpus, kill_after_save, launch, losses,  # noqa: F401
+                        no_leftover_shared_memory, resumes_exactly, write_yaml)
 
 # alpha is not the default 2 × rank (a scaling taken from the wrong place shows); dropout > 0 (resume must restore
 # every rank's RNG for the masks to repeat).
@@ -45,10 +42,6 @@ def pretrained(corpus, tokenizer, tmp_path_factory):
     path = tmp_path_factory.mktemp("pretrained")
     save_checkpoint(HiggsAudioForTraining(model_config).state_dict(), model_config, path, layout="boson")
     return path
-
-
-def base_weights(pretrained: Path) -> dict[str, torch.Tensor]:
-    return read_port_state_dict(pretrained)
 
 
 def lora_config(corpus, pretrained, out, *, lora=None, **train) -> dict:
@@ -74,7 +67,7 @@ def test_a_two_rank_zero3_lora_run_trains_only_the_adapters_and_extras(lora_run,
     _, out, _ = lora_run
     steps = losses(out)
     assert sorted(steps) == list(range(1, 8)) and steps[7] < steps[1] - 1.0, f"the loss must fall: {steps}"
-    base, final = base_weights(pretrained), load_file(str(out / "final.safetensors"))
+    base, final = read_port_state_dict(pretrained), load_file(str(out / "final.safetensors"))
     adapters = {n for n in final if ".lora_" in n}
     assert len(adapters) == 2 * 2 * 10, "A and B on 10 linear layers of each of the 2 decoder layers"
     assert all(final[n].abs().sum() > 0 for n in adapters if ".lora_B." in n), "B has trained away from 0"
@@ -102,17 +95,6 @@ def test_the_lora_checkpoint_holds_only_the_trained_parameters(lora_run, pretrai
     assert 3 * trained_bytes < stored < 3 * trained_bytes + 150_000, (stored, trained_bytes)
 
 
-def resumes_exactly(config: Path, out: Path, ref_out: Path, step: int) -> None:
-    """`train.resume=auto` after a kill at `step`: every later step's loss equals the uninterrupted run's."""
-    code, output = launch(config, "train.resume=auto")
-    assert code == 0, output[-3000:]
-    assert f"step{step:08d} at step {step}" in output
-    ref, got = losses(ref_out), losses(out)
-    assert sorted(got) == sorted(ref) and max(ref) > step
-    for s in range(step + 1, max(ref) + 1):
-        assert got[s] == pytest.approx(ref[s], rel=1e-6, abs=1e-6), (s, got, ref)
-
-
 @pytest.mark.slow
 def test_kill_9_then_resume_of_a_lora_run_continues_exactly(corpus, pretrained, lora_run, tmp_path):
     """With lora.dropout > 0: the masks after the resume repeat only if every rank's RNG is restored."""
@@ -130,21 +112,18 @@ def test_a_lora_run_resumes_on_another_world_size(corpus, pretrained, lora_run, 
     config, ref_out, _ = lora_run
     tag = ref_out / "checkpoints" / "step00000006"
     saved = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
-    command = [str(DEEPSPEED), "--num_gpus", "1", "--master_port", str(29350 + os.getpid() % 40),
-               str(ROOT / "launch" / "train.py"), "--config", str(config), f"train.resume={tag}",
-               f"train.out_dir={tmp_path / 'one'}"]
-    env = {**os.environ, "HIGGS_DS_TEST_DUMP_WEIGHTS": str(tmp_path / "loaded.safetensors")}
-    loaded = processes.run([*command, "train.max_steps=6"], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=300)
-    assert loaded.returncode == 0, loaded.stdout[-3000:] + loaded.stderr[-3000:]
-    assert "saved on 2 ranks, running on 1: universal checkpoint" in loaded.stdout + loaded.stderr
-    weights, base = load_file(str(tmp_path / "loaded.safetensors")), base_weights(pretrained)
+    overrides = (f"train.resume={tag}", f"train.out_dir={tmp_path / 'one'}")
+    code, output = launch(config, *overrides, "train.max_steps=6", gpus=1,
+                          env={"HIGGS_DS_TEST_DUMP_WEIGHTS": str(tmp_path / "loaded.safetensors")})
+    assert code == 0, output[-3000:]
+    assert "saved on 2 ranks, running on 1: universal checkpoint" in output
+    weights, base = load_file(str(tmp_path / "loaded.safetensors")), read_port_state_dict(pretrained)
     assert set(saved) < set(weights)
     for name, value in weights.items():
         want = saved[name] if name in saved else base[name.replace(".base_layer.", ".")]
         assert torch.equal(value, want), name
-    going_on = processes.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert going_on.returncode == 0, going_on.stdout[-3000:] + going_on.stderr[-3000:]
+    code, output = launch(config, *overrides, gpus=1)
+    assert code == 0, output[-3000:]
     steps = losses(tmp_path / "one")
     assert min(steps) == 7 and all(math.isfinite(v) for v in steps.values()), steps
 
@@ -180,7 +159,7 @@ def merged_exports_give_the_unmerged_logits(out: Path, tag: str, pretrained: Pat
     batch = Collator(tokens, reference.model_config.audio)(make_samples(6, tokenizer, tokens, seed=11))
     with torch.no_grad():
         want = reference.logits(**batch.model_inputs())
-    base = base_weights(pretrained)
+    base = read_port_state_dict(pretrained)
     for layout in ("port", "boson"):
         merged = load_model(export / layout)
         with torch.no_grad():
@@ -243,7 +222,7 @@ def test_a_zero2_lora_run_trains_keeps_the_base_resumes_exactly_and_exports(corp
     assert code == 0, output[-3000:]
     steps = losses(tmp_path / "ref")
     assert steps[4] < steps[1], steps
-    base, final = base_weights(pretrained), load_file(str(tmp_path / "final.safetensors"))
+    base, final = read_port_state_dict(pretrained), load_file(str(tmp_path / "final.safetensors"))
     for name, value in base.items():
         stored = name if name in final else name.replace(".weight", ".base_layer.weight")
         assert torch.equal(final[stored], value) != (name in EXTRAS), name

@@ -349,7 +349,7 @@ def test_the_docs_gpu_and_cluster_commands_pass_the_dry_run(stand_ins, tmp_path)
     for tool in ("scontrol", "srun"):
         (bin_dir / tool).chmod(0o755)
     slurm_env = {**env, "PATH": f"{bin_dir}:{env['PATH']}", "SLURM_JOB_NODELIST": "node[1-1]", "SLURM_NNODES": "1",
-                 "SLURM_JOB_ID": "42", "GPUS_PER_NODE": "1", "MASTER_PORT": str(26500 + os.getpid() % 400)}
+                 "SLURM_JOB_ID": "42", "GPUS_PER_NODE": "1", "MASTER_PORT": str(processes.free_port())}
     script = sbatch.index("launch/slurm_train.sh")
     run = processes.run(["bash", *sbatch[script:], "--dry-run"], cwd=root, env=slurm_env, capture_output=True,
                         text=True, timeout=300)

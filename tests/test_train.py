@@ -81,8 +81,9 @@ def base_config(corpus: Path, out: Path, **train) -> dict:
                "log_every": 1, "trace_samples": True, **train})
 
 
-def launch(config: Path, *overrides: str, env: dict | None = None, wait: bool = True, timeout: int = 300):
-    command = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 400),
+def launch(config: Path, *overrides: str, env: dict | None = None, wait: bool = True, timeout: int = 300,
+           gpus: int = 2):
+    command = [str(DEEPSPEED), "--num_gpus", str(gpus), "--master_port", str(processes.free_port()),
                str(ROOT / "launch" / "train.py"), "--config", str(config), *overrides]
     process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -92,7 +93,8 @@ def launch(config: Path, *overrides: str, env: dict | None = None, wait: bool = 
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         processes.kill_group(process)
-        pytest.fail(f"launch timed out (a hang?): {command}")
+        output, _ = process.communicate()
+        pytest.fail(f"launch timed out (a hang?): {command}\n{output[-4000:]}")
     finally:
         processes.kill_group(process)  # stragglers of a finished launch
     return process.returncode, output
@@ -110,6 +112,18 @@ def kill_after_save(config: Path, out: Path, step: int) -> None:
     finally:
         processes.kill_group(process)  # kill -9 of the whole job (and, on a failure, no process left behind)
         process.wait()
+
+
+def resumes_exactly(config: Path, out: Path, ref_out: Path, step: int) -> str:
+    """`train.resume=auto` after a kill at `step`: every later step's loss equals the uninterrupted run's."""
+    code, output = launch(config, "train.resume=auto")
+    assert code == 0, output[-3000:]
+    assert f"step{step:08d} at step {step}" in output
+    ref, got = losses(ref_out), losses(out)
+    assert sorted(got) == sorted(ref) and max(ref) > step
+    for s in range(step + 1, max(ref) + 1):
+        assert got[s] == pytest.approx(ref[s], rel=1e-6, abs=1e-6), (s, got, ref)
+    return output
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -161,13 +175,8 @@ def test_kill_9_after_a_checkpoint_then_resume_continues_exactly(corpus, referen
     out = tmp_path / "run"
     config = write_yaml(tmp_path / "run.yaml", **base_config(corpus, out, save_every=2))
     kill_after_save(config, out, 4)
-    code, output = launch(config, "train.resume=auto")
-    assert code == 0, output[-3000:]
-    assert "resumed from" in output and "step00000004 at step 4" in output
-    ref, got = losses(ref_out), losses(out)
-    assert sorted(got) == sorted(ref)
-    for step in range(5, 8):
-        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-6), (step, got, ref)
+    output = resumes_exactly(config, out, ref_out, 4)
+    assert "resumed from" in output
     assert consumed(out, range(1, 8)) == consumed(ref_out, range(1, 8)), "no sample repeated or skipped"
 
 
@@ -425,7 +434,7 @@ def test_two_launchers_on_two_loopback_hosts_train_like_one(corpus, reference, t
     config = write_yaml(tmp_path / "run.yaml", **base_config(corpus, out, save_every=2))
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
-    port = str(29000 + os.getpid() % 400)
+    port = str(processes.free_port())
     launchers = [subprocess.Popen(
         [str(DEEPSPEED), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node), "--master_addr",
          "127.0.0.1", "--master_port", port, str(ROOT / "launch" / "train.py"), "--config", str(config)],
@@ -470,7 +479,7 @@ def test_torchrun_on_shards_behind_a_url_trains_like_the_reference(corpus, refer
     # With a hook (the seam of the hooks issue) that records what rank 0 receives and asks to stop after step 2.
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
     result = processes.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
-                             str(28500 + os.getpid() % 400), str(ROOT / "launch" / "train.py"), "--config",
+                             str(processes.free_port()), str(ROOT / "launch" / "train.py"), "--config",
                              str(config), "train.max_steps=3", "train.hooks=[hooks_for_tests:RecordAndStop]"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -499,12 +508,10 @@ def test_resume_on_one_rank_from_two_restores_model_optimizer_and_the_rest_of_th
     config = write_yaml(tmp_path / "run.yaml", **base_config(corpus, out, epochs=1))
     code, output = launch(config, "train.max_steps=2")
     assert code == 0, output[-3000:]
-    command = [str(DEEPSPEED), "--num_gpus", "1", "--master_port", str(29450 + os.getpid() % 40),
-               str(ROOT / "launch" / "train.py"), "--config", str(config), "train.resume=auto", "train.max_steps=null",
-               "train.save_every=1", "train.keep_last=100"]
-    resumed = processes.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "saved on 2 ranks, running on 1: universal checkpoint" in resumed.stdout + resumed.stderr
+    code, resumed = launch(config, "train.resume=auto", "train.max_steps=null", "train.save_every=1",
+                           "train.keep_last=100", gpus=1)
+    assert code == 0, resumed[-3000:]
+    assert "saved on 2 ranks, running on 1: universal checkpoint" in resumed
     # Samples: steps 1-2 on two ranks, then the rest of the epoch on one rank.
     keys = [k for k in consumed(out, range(1, 100)) if k != "<blank>"]
     assert sorted(keys) == sorted(set(keys)) and len(keys) == 80, "every sample of the epoch exactly once"
@@ -516,7 +523,7 @@ def test_resume_on_one_rank_from_two_restores_model_optimizer_and_the_rest_of_th
     start = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step00000002")
     model.load_state_dict(start, strict=False)
     params = dict(model.named_parameters())
-    total = int(re.search(r"step 3/(\d+)", resumed.stdout + resumed.stderr).group(1))
+    total = int(re.search(r"step 3/(\d+)", resumed).group(1))
     lr = 3e-3 * warmup_cosine(2, 2, total, 0.1)
     optimizer = torch.optim.AdamW(list(params.values()), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     for name, param in params.items():
@@ -575,10 +582,8 @@ def test_audio_only_recipe_trains_the_audio_path_and_leaves_the_rest_bit_identic
     config["model"] = {"pretrained": str(tmp_path / "start"), "tokenizer": str(TINY_TOKENIZER),
                        "activation_checkpointing": True}
     config = write_yaml(tmp_path / "run.yaml", **config)
-    result = processes.run([str(DEEPSPEED), "--num_gpus", "1", "--master_port", str(29350 + os.getpid() % 40),
-                             str(ROOT / "launch" / "train.py"), "--config", str(config)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    code, output = launch(config, gpus=1)
+    assert code == 0, output[-2000:]
     trained = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "out" / "checkpoints"), tag="step00000002")
     from higgs_ds.train.components import trainable_names
 
@@ -617,7 +622,7 @@ def test_slurm_template_runs_torchrun_per_node_in_a_fake_slurm_job(good, tmp_pat
     config = write_yaml(tmp_path / "run.yaml", **good)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[1-1]",
            "SLURM_NNODES": "1", "SLURM_JOB_ID": "42", "GPUS_PER_NODE": "2",
-           "MASTER_PORT": str(27500 + os.getpid() % 400)}
+           "MASTER_PORT": str(processes.free_port())}
     result = processes.run(["bash", str(ROOT / "launch" / "slurm_train.sh"), str(config), "train.max_steps=5",
                              "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -90,48 +90,41 @@ class Process:
         eps0 = self.p["first_frame_noise"]
         return (1 - eps0) * (self.voices[:, codebook] == code) + eps0 / self.palette.shape[1]
 
-    def clip_entropy(self, codes: np.ndarray, posterior: np.ndarray) -> list[float]:
-        """Per codebook: the summed entropy of a learnt clip's T + 1 labels (codes, then eos) given the visible
-        past, the speaker posterior before its frame 0 being `posterior`."""
+    def clip_scores(self, codes: np.ndarray, posterior: np.ndarray) -> tuple[list[float], list[float]]:
+        """Per codebook, over a learnt clip's T + 1 labels (codes, then eos: 0) given the visible past, the speaker
+        posterior before its frame 0 being `posterior`: the summed entropy, and the process's own -log p of these
+        labels (the realised loss of a perfect model; its expectation is the entropy)."""
+        eps0, eps, used = self.p["first_frame_noise"], self.p["frame_noise"], self.palette.shape[1]
         posterior = posterior / posterior.sum()
-        out = []
+        entropies, nlls = [], []
         for k in range(self.k):
             masses = {}
             for s, w in enumerate(posterior):
                 code = self.voices[s, k]
-                masses[code] = masses.get(code, 0.0) + (1 - self.p["first_frame_noise"]) * w
-            first = mixture_entropy(np.array(list(masses.values())), self.palette.shape[1],
-                                    self.p["first_frame_noise"])
-            out.append(first + (codes.shape[1] - 1) * self.copy_entropy)  # + 0 for the eos label
-            posterior = posterior * self.likelihood(k, int(codes[k, 0]))  # codebook k of frame 0 is seen next
-            posterior /= posterior.sum()
-        return out
-
-    def clip_nll(self, codes: np.ndarray, posterior: np.ndarray) -> list[float]:
-        """Per codebook: -log p of the clip's labels under the process itself, from what the model sees (the
-        realised loss of a perfect model on this clip; its expectation is clip_entropy)."""
-        eps, used = self.p["frame_noise"], self.palette.shape[1]
-        posterior = posterior / posterior.sum()
-        out = []
-        for k in range(self.k):
+                masses[code] = masses.get(code, 0.0) + (1 - eps0) * w
+            first = mixture_entropy(np.array(list(masses.values())), used, eps0)
+            entropies.append(first + (codes.shape[1] - 1) * self.copy_entropy)
             given = self.likelihood(k, int(codes[k, 0]))  # p(this frame-0 code | each speaker)
-            nll = -math.log(float(posterior @ given))
             same = codes[k, 1:] == codes[k, :-1]
-            nll -= float(np.log(np.where(same, 1 - eps + eps / used, eps / used)).sum())
-            out.append(nll)
-            posterior = posterior * given / float(posterior @ given)
-        return out
+            nlls.append(-math.log(float(posterior @ given))
+                        - float(np.log(np.where(same, 1 - eps + eps / used, eps / used)).sum()))
+            posterior = posterior * given / float(posterior @ given)  # codebook k of frame 0 is seen next
+        return entropies, nlls
+
+    def clip_entropy(self, codes: np.ndarray, posterior: np.ndarray) -> list[float]:
+        return self.clip_scores(codes, posterior)[0]
 
     def sample(self, rng, key: str, kind: str, clip_file) -> tuple[dict, dict]:
         """One ChatML sample and its record: {text: [entropy sum, labels], audio: [[entropy sum, labels] per
-        codebook], text_nll / audio_nll: the process's own -log p of the drawn labels (text; per codebook)}."""
+        codebook], audio_nll: the process's own -log p of the drawn audio labels per codebook}. (Text needs no
+        such sum: every word costs ln W whichever is drawn, so its realised loss is its entropy.)"""
         speaker = int(rng.integers(len(self.p["speakers"])))
         text, audio = [0.0, 0], [[0.0, 0] for _ in range(self.k)]
         audio_nll = [0.0] * self.k
 
         def learnt_clip(sentence: str, posterior: np.ndarray) -> dict:
             codes = self.clip(rng, speaker, self.frames(sentence))
-            for k, (h, nll) in enumerate(zip(self.clip_entropy(codes, posterior), self.clip_nll(codes, posterior))):
+            for k, (h, nll) in enumerate(zip(*self.clip_scores(codes, posterior))):
                 audio[k][0] += h
                 audio[k][1] += codes.shape[1] + 1
                 audio_nll[k] += nll
@@ -165,8 +158,7 @@ class Process:
                          {"role": "assistant", "content": " " + answer}]  # leading space: one token per word
             text = [n * math.log(len(self.words)), n + 1]  # the words, then <|eot_id|>
             out = {"id": key, "messages": messages}
-        # Text: every word costs ln W whichever is drawn, so the realised loss is the entropy.
-        return out, {"id": key, "text": text, "audio": audio, "text_nll": text[0], "audio_nll": audio_nll}
+        return out, {"id": key, "text": text, "audio": audio, "audio_nll": audio_nll}
 
 
 def floor(records: list[dict], num_codebooks: int, text_head: int, ids_per_codebook: int) -> dict:
@@ -181,13 +173,11 @@ def floor(records: list[dict], num_codebooks: int, text_head: int, ids_per_codeb
     entropy = np.array([[a[0] for a in r["audio"]] for r in records])  # [N, K]
     nll = np.array([r["audio_nll"] for r in records])  # [N, K]
     deviation = ((nll - entropy) / audio[:, 1]).sum(1)  # each sample's share of the summed audio loss
-    text_nll = np.array([r["text_nll"] for r in records])
-    text_deviation = (text_nll - np.array([r["text"][0] for r in records])) / text[1]
     return {"text_floor": float(text[0] / text[1]), "audio_floor": float(per_codebook.sum()),
             "audio_floor_per_codebook": per_codebook.tolist(),
-            "process_text": float(text_nll.sum() / text[1]), "process_audio": float((nll.sum(0) / audio[:, 1]).sum()),
-            "text_floor_se": float(math.sqrt((text_deviation ** 2).sum())),
-            "audio_floor_se": float(math.sqrt((deviation ** 2).sum())),
+            # text: the realised loss of a perfect model is the entropy (sample()), so no scatter
+            "process_text": float(text[0] / text[1]), "process_audio": float((nll.sum(0) / audio[:, 1]).sum()),
+            "text_floor_se": 0.0, "audio_floor_se": float(math.sqrt((deviation ** 2).sum())),
             "uniform_text": math.log(text_head), "uniform_audio": num_codebooks * math.log(ids_per_codebook),
             "text_labels": int(text[1]), "audio_labels": [int(n) for n in audio[:, 1]], "samples": len(records)}
 

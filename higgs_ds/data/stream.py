@@ -305,11 +305,8 @@ class ShardLoader:
         this epoch consumed before a re-plan (a resume at another world size), the same on every rank. An epoch
         whose last batch has been taken is saved as the start of the next one: re-planned at another world size,
         a finished epoch would have no sample left to give the new slots."""
-        if self.position and self.position >= len(self):
-            return self._state(self.epoch + 1, 0)
-        return self._state(self.epoch, self.position)
-
-    def _state(self, epoch: int, position: int) -> dict[str, Any]:
+        finished = self.position and self.position >= len(self)
+        epoch, position = (self.epoch + 1, 0) if finished else (self.epoch, self.position)
         excluded = self._excluded_in(epoch)
         consumed = self.consumed() if position else {}
         return {"epoch": epoch, "position": position, "seed": self.seed, "world_size": self.world_size,

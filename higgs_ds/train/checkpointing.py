@@ -8,8 +8,10 @@ A crash at any point leaves the previous complete tag loadable; `resume=auto` ta
 complete tags beyond `keep_last` and every incomplete tag older than the newest complete are pruned afterwards."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +84,6 @@ def load_client(path: Path) -> dict[str, Any]:
 def to_universal(tag: Path, out: Path) -> None:
     """DeepSpeed's universal checkpoint of `tag` (any world size can load it), written to `out`, marked complete."""
     import subprocess
-    import sys
 
     if out.exists():
         shutil.rmtree(out)
@@ -111,9 +112,6 @@ def run_config(tag: Path) -> dict[str, Any]:
 def consolidated_state(tag: Path) -> dict[str, Any]:
     """The fp32 weights of a ZeRO checkpoint, lazily gathered (DeepSpeed's zero_to_fp32 lazy mode: each tensor
     is assembled from the memory-mapped partitions when `.contiguous()` is called on it)."""
-    import contextlib
-    import sys
-
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(sys.stderr):  # its progress lines; stdout stays the caller's (evaluate --json)

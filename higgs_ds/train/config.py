@@ -108,6 +108,11 @@ class LoraSection:
     train_in_full: list[str] = field(default_factory=lambda: [r"^model\.embed_audio_tokens\.", r"^audio_lm_head\."])
 
 
+def run_lora(run: dict) -> LoraSection | None:
+    """The LoRA section of a run's saved config (OUT/config.json); None when the run trained without LoRA."""
+    return LoraSection(**run["lora"]) if run.get("lora", {}).get("rank") else None
+
+
 @dataclass
 class GuardSection:
     """Rank-0 guards (higgs_ds.hooks.guards): warn, or stop every rank with `strict`."""

@@ -14,9 +14,10 @@ from ..data.shards import check_fingerprint, data_fingerprint
 from ..data.stream import ShardLoader
 from ..data.tokens import SpecialTokens
 from ..model import HiggsAudioForTraining, LossConfig, read_model_config
+from ..model.checkpoint import check_state_dict
 from ..model.losses import means_of_sums
 from . import checkpointing
-from .config import LoraSection
+from .config import run_lora
 from .lora import apply_lora
 from .weights import load_pretrained
 
@@ -31,17 +32,14 @@ def evaluate(checkpoint: Path, split: str, max_tokens: int | None = None) -> dic
     tokens = SpecialTokens.from_tokenizer(tokenizer, model_config.pad_token_id)
     model = HiggsAudioForTraining(model_config, LossConfig(m["text_weight"], m["audio_weight"], m["audio_reduction"]),
                                   attn_implementation=m["attn_implementation"], head_impl=m["head_impl"])
-    lora = LoraSection(**run["lora"]) if run.get("lora", {}).get("rank") else None
+    lora = run_lora(run)
     if lora is not None:  # the checkpoint holds the adapters and the extras; the base is the pretrained checkpoint
         load_pretrained(model, m["pretrained"], model_config)
         apply_lora(model, lora)
     params = dict(model.named_parameters())
-    state = checkpointing.consolidated_state(checkpoint)
-    unknown = sorted(state.keys() - params.keys())
-    missing = sorted(name for name, p in params.items() if name not in state and (lora is None or p.requires_grad))
-    if unknown or missing:
-        raise ValueError(f"{checkpoint}: the checkpoint does not fit the run's model: "
-                         f"unexpected {unknown[:5]}, missing {missing[:5]}")
+    state = checkpointing.consolidated_state(checkpoint)  # a LoRA run's: what it trained, and nothing else
+    check_state_dict(state, {n: tuple(p.shape) for n, p in params.items() if lora is None or p.requires_grad},
+                     str(checkpoint))
     with torch.no_grad():
         for name, tensor in state.items():
             params[name].copy_(tensor.contiguous())  # one tensor gathered at a time

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..model import read_model_config, save_checkpoint
 from ..model.checkpoint import check_state_dict, expected_shapes, weight_files
 from . import checkpointing
-from .config import LoraSection
+from .config import run_lora
 from .lora import ADAPTER, Lazy, alpha_of, merged_state, save_peft_adapter
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -33,7 +33,7 @@ def export(checkpoint: Path, out: Path, layouts: list[str], max_shard_bytes: int
     model_config = read_model_config(run["model"]["pretrained"] or run["model"]["config"],
                                      AutoTokenizer.from_pretrained(str(tokenizer_dir)))
     state = checkpointing.consolidated_state(checkpoint)
-    lora = LoraSection(**run["lora"]) if run.get("lora", {}).get("rank") else None
+    lora = run_lora(run)
     trained = None
     if lora is not None:  # the checkpoint holds the adapters and the parameters trained in full only
         expected = expected_shapes(model_config)
@@ -51,7 +51,7 @@ def convert(model_dir: Path, out: Path, layouts: list[str], tokenizer_dir: Path,
     """A model directory of either layout rewritten in `layouts`, tensor by tensor, each in its stored dtype."""
     from transformers import AutoTokenizer
 
-    from .weights import read_tensor, stored_dtype, weight_plan
+    from .weights import read_tensor, weight_plan
 
     if "peft" in layouts:
         raise ValueError(f"{model_dir}: a model directory has no LoRA adapter to export (--layout peft)")
@@ -59,8 +59,11 @@ def convert(model_dir: Path, out: Path, layouts: list[str], tokenizer_dir: Path,
         raise ValueError(f"{tokenizer_dir}: no tokenizer here (tokenizer.json / tokenizer_config.json); the token ids "
                          "of the config come from it: pass --tokenizer DIR")
     model_config = read_model_config(model_dir, AutoTokenizer.from_pretrained(str(tokenizer_dir)))
-    state = {name: Lazy(lambda sources=sources: read_tensor(sources), shape, stored_dtype(sources))
-             for name, (sources, shape) in weight_plan(model_dir).items()}
+    plan = weight_plan(model_dir)
+    if not_float := [name for name, planned in plan.items() if planned.dtype is None]:
+        raise ValueError(f"{model_dir}: {not_float[:3]} are not stored as floating-point weights")
+    state = {name: Lazy(lambda sources=sources: read_tensor(sources), shape, dtype)
+             for name, (sources, shape, dtype) in plan.items()}
     check_state_dict(state, expected_shapes(model_config), str(model_dir))
     return write(state, model_config, out, layouts, tokenizer_dir, max_shard_bytes)
 

@@ -144,7 +144,7 @@ def merged_state(pretrained, trained: dict, scaling: float) -> dict:
     if unknown:
         raise ValueError(f"adapter checkpoint names tensors the pretrained checkpoint {pretrained} lacks: {unknown}")
     state = {}
-    for name, (sources, shape) in plan.items():
+    for name, (sources, shape, _) in plan.items():
         module = name.removesuffix(".weight")
         read = (lambda sources=sources: read_tensor(sources))
         if name in full:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -18,6 +18,13 @@ from ..model.checkpoint import BOSON_TO_PORT, IGNORED_SUFFIXES, SPLIT_KEY, expec
 from ..model_config import HiggsModelConfig
 
 Source = tuple[Path, str]  # (safetensors file, stored key)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+class PlannedWeight(NamedTuple):
+    sources: list[Source]  # one stored tensor, or a split's frozen and trainable halves
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None  # as stored (None: not a floating-point type)
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -29,20 +36,23 @@ def checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
-def weight_plan(path: str | Path) -> dict[str, tuple[list[Source], tuple[int, ...]]]:
-    """Port-layout name → (the stored tensors it is made of: one, or a split's frozen and trainable halves; its
-    shape), from the safetensors headers alone."""
+def weight_plan(path: str | Path) -> dict[str, PlannedWeight]:
+    """Port-layout name → the stored tensors it is made of, its shape and stored dtype, from the safetensors
+    headers alone."""
     path = Path(path)
     stored: dict[str, Path] = {}
     shapes: dict[str, list[int]] = {}
+    dtypes: dict[str, torch.dtype | None] = {}
     for file in checkpoint_files(path):
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
                 if key in stored:
                     raise ValueError(f"{file}: tensor {key} also appears in {stored[key].name}")
-                stored[key], shapes[key] = file, list(handle.get_slice(key).get_shape())
+                header = handle.get_slice(key)
+                stored[key], shapes[key] = file, list(header.get_shape())
+                dtypes[key] = SAFETENSORS_DTYPES.get(header.get_dtype())
     boson = not any(key.startswith("model.") for key in stored)
-    plan: dict[str, tuple[list[Source], tuple[int, ...]]] = {}
+    plan: dict[str, PlannedWeight] = {}
     for key, file in stored.items():
         if key.endswith(IGNORED_SUFFIXES) or ((m := SPLIT_KEY.match(key)) and m["part"] == "trainable"):
             continue
@@ -57,7 +67,7 @@ def weight_plan(path: str | Path) -> dict[str, tuple[list[Source], tuple[int, ..
         if boson:
             for pattern, replacement in BOSON_TO_PORT:
                 key = re.sub(pattern, replacement, key)
-        plan[key] = (sources, tuple(shape))
+        plan[key] = PlannedWeight(sources, tuple(shape), dtypes[sources[0][1]])
     orphans = [k for k in stored if (m := SPLIT_KEY.match(k)) and m["part"] == "trainable"
                and f"{m['module']}.{m['kind']}_frozen.weight" not in stored]
     if orphans:
@@ -73,23 +83,10 @@ def read_tensor(sources: list[Source]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-
-
-def stored_dtype(sources: list[Source]) -> torch.dtype:
-    """The dtype a weight is stored in, from its safetensors header."""
-    file, key = sources[0]
-    with safe_open(str(file), framework="pt") as handle:
-        name = handle.get_slice(key).get_dtype()
-    if name not in SAFETENSORS_DTYPES:
-        raise ValueError(f"{file}: tensor {key} is stored as {name}, not a floating-point weight")
-    return SAFETENSORS_DTYPES[name]
-
-
 def stream_port_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(port-layout name, tensor) for every weight of a checkpoint of either layout, one at a time."""
-    for name, (sources, _) in sorted(weight_plan(path).items()):
-        yield name, read_tensor(sources)
+    for name, planned in sorted(weight_plan(path).items()):
+        yield name, read_tensor(planned.sources)
 
 
 def load_pretrained(model: torch.nn.Module, path: str | Path, config: HiggsModelConfig, rank: int = 0,
@@ -101,12 +98,12 @@ def load_pretrained(model: torch.nn.Module, path: str | Path, config: HiggsModel
     problems = [f"missing {sorted(expected.keys() - plan.keys())}"] if expected.keys() - plan.keys() else []
     problems += [f"unexpected {sorted(plan.keys() - expected.keys())}"] if plan.keys() - expected.keys() else []
     problems += [f"{name} has shape {shape}, the config expects {expected[name]}"
-                 for name, (_, shape) in sorted(plan.items()) if name in expected and shape != expected[name]]
+                 for name, (_, shape, _) in sorted(plan.items()) if name in expected and shape != expected[name]]
     if problems:
         raise ValueError(f"{path}: checkpoint does not match the model config: {'; '.join(problems)}")
     params = dict(model.named_parameters())
     for name in sorted(plan):
-        tensor = read(plan[name][0]) if rank == 0 or not zero3 else None  # ZeRO-2: every rank holds it all
+        tensor = read(plan[name].sources) if rank == 0 or not zero3 else None  # ZeRO-2: every rank holds it all
         if zero3:
             import deepspeed
 
