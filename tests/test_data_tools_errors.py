@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from numpy.lib import format as npy_format
 
+import processes
 from data_tools import build_shards, shard_tools
 from higgs_ds.data.shards import Manifest, SplitWriter, decode_sample, read_shard
 from test_shards import ROOT, TINY_TOKENIZER, build, make_corpus, model_config
@@ -30,8 +31,7 @@ def err_lines(err: str) -> list[str]:
 
 
 def run_cli(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    return processes.run([sys.executable, "-m", module, *args], cwd=cwd, timeout=300)
 
 
 @pytest.fixture
@@ -576,14 +576,17 @@ def test_ctrl_c_with_workers_is_clean(tmp_path):
                "--model-config", str(tmp_path / "config.json"), "--out", str(tmp_path / "out"), "--workers", "2"]
     with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           start_new_session=True) as proc:
-        seen = b""
-        while b"samples:" not in seen:  # the bar is drawn just before the workers start
-            chunk = proc.stderr.read1(4096)
-            assert chunk, f"the build ended early: {seen!r}"
-            seen += chunk
-        time.sleep(2.0)  # workers starting or running
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
+        try:
+            seen = b""
+            while b"samples:" not in seen:  # the bar is drawn just before the workers start
+                chunk = proc.stderr.read1(4096)
+                assert chunk, f"the build ended early: {seen!r}"
+                seen += chunk
+            time.sleep(2.0)  # workers starting or running
+            os.killpg(proc.pid, signal.SIGINT)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            processes.kill_group(proc)  # on a failure or timeout: no builder or worker left behind
     err = (seen + err).decode()
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err

@@ -1,6 +1,5 @@
 """LinearCrossEntropyHead: chunked/materialized losses and gradients against a plain F.linear + F.cross_entropy."""
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -236,5 +235,5 @@ def test_zero3_gathers_weight_for_recompute_backward(tmp_path):
     port = str(processes.free_port())
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                PYTHONPATH=str(repo))
-    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    result = processes.run([sys.executable, str(script)], env=env, timeout=600)
     assert "ZERO3_OK" in result.stdout, result.stdout[-2000:] + result.stderr[-4000:]

@@ -5,7 +5,6 @@ import io
 import json
 import os
 import re
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+import processes
 from data_tools import build_shards
 from higgs_ds.data.chatml import sample_from_chatml
 from higgs_ds.data.collator import Collator
@@ -335,9 +335,9 @@ def test_builder_bad_input(tmp_path, tokenizer, capsys, bad):
 
 def test_builder_cli_exit_code(tmp_path, tokenizer):
     jsonl, _, _ = _bad_corpus(tmp_path, tokenizer, "missing")
-    run = subprocess.run([sys.executable, "-m", "data_tools.build_shards", str(jsonl), "--tokenizer",
-                          str(TINY_TOKENIZER), "--model-config", str(tmp_path / "config.json"), "--out",
-                          str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    run = processes.run([sys.executable, "-m", "data_tools.build_shards", str(jsonl), "--tokenizer",
+                         str(TINY_TOKENIZER), "--model-config", str(tmp_path / "config.json"), "--out",
+                         str(tmp_path / "out")], cwd=ROOT, timeout=120)
     assert run.returncode == 1 and "line 3 (sample '3'): audio[0].audio_url" in run.stderr
 
 

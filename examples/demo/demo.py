@@ -69,7 +69,7 @@ def data(out: Path) -> tuple[Path, dict]:
         log(f"data: generating {folder}")
         partial = out / f"data.partial-{os.getpid()}"  # in place only when complete: an interrupted run leaves none
         shutil.rmtree(partial, ignore_errors=True)
-        call([sys.executable, HERE / "generate.py", partial])
+        call([sys.executable, HERE / "generate.py", partial], capture_output=True)  # its floor: printed below
         (partial / "stamp.json").write_text(json.dumps({"inputs": stamp}) + "\n")
         shutil.rmtree(folder, ignore_errors=True)
         partial.rename(folder)
