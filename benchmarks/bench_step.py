@@ -20,8 +20,8 @@ from transformers import HiggsAudioV2Config, HiggsAudioV2ForConditionalGeneratio
 
 from higgs_ds.data.batch import Batch
 from higgs_ds.model import HiggsAudioForTraining
-from higgs_ds.model.host_syncs import DataDependentOps
-from higgs_ds.model.port import port_inputs  # the same port feed the parity tests check
+from higgs_ds.testing.host_syncs import DataDependentOps
+from higgs_ds.testing.port import port_inputs  # the same port feed the parity tests check
 
 
 def bench_config() -> HiggsAudioV2Config:

@@ -19,7 +19,7 @@ the loop a user would write around transformers' HiggsAudioV2ForConditionalGener
 (b) tokens/s with 2 ranks: our engine (higgs_ds.train.main under deepspeed, throughput/tps from OUT/metrics.jsonl)
     against a minimal DeepSpeed loop on transformers' HiggsAudioV2ForConditionalGeneration(use_text_head=True)
     with its own loss, same DeepSpeed JSON (deepspeed_config of the same run YAML), same AdamW, same shards and
-    the same batches (the same ShardLoader plan, converted with higgs_ds.model.port.port_inputs). Hidden 512,
+    the same batches (the same ShardLoader plan, converted with higgs_ds.testing.port.port_inputs). Hidden 512,
     4 layers, real heads (128256 / 8 x 1026) as bench_step. Padded layout (one sample per row: the port cannot
     isolate packed samples), at each --max-tokens budget. `--warmup` steps, then `--steps` timed steps; one thread
     per rank. The port is built whole and partitioned by deepspeed.initialize (under deepspeed.zero.Init its
@@ -272,7 +272,7 @@ def worker_train(args, rest: list[str]) -> int:
         seen["rss_before_steps"] = status("VmRSS")  # model partitions + AdamW states, no step yet
         seen["hwm_before_steps"] = status("VmHWM")
         result = original_train(self)
-        seen["state"] = zero3_state_bytes(self.engine, self.optimizer)
+        seen["state"] = zero3_state_bytes(self.engine, self.parts.optimizer)
         return result
 
     trainer.Trainer.__init__, trainer.Trainer.train = init, train
@@ -305,9 +305,10 @@ def worker_port(args, rest: list[str]) -> int:
     import torch.distributed as dist
     from transformers import HiggsAudioV2ForConditionalGeneration
 
-    from higgs_ds.model.port import port_inputs
+    from higgs_ds.testing.port import port_inputs
     from higgs_ds.train.config import load_config
-    from higgs_ds.train.trainer import make_loader, preflight
+    from higgs_ds.train.loaders import make_loader
+    from higgs_ds.train.preflight import preflight
 
     config = load_config(args.config)
     setup = preflight(config, int(os.environ.get("WORLD_SIZE", 1)))  # the same DeepSpeed JSON and loader plan
@@ -325,7 +326,7 @@ def worker_port(args, rest: list[str]) -> int:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config={**setup.ds, "zero_allow_untested_optimizer": True})
     rss_before_steps = status("VmRSS")
-    loader = make_loader(setup, config.data.train, rank, train=True)
+    loader = make_loader(config, setup.collator(), config.data.train, rank, world, train=True)
     batches = iter(loader)
     steps = []
     engine.train()

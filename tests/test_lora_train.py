@@ -57,7 +57,7 @@ def lora_config(corpus, pretrained, out, *, lora=None, **train) -> dict:
 def lora_run(corpus, pretrained, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora")
     config = write_yaml(out.parent / f"{out.name}.yaml", **lora_config(corpus, pretrained, out))
-    code, output = launch(config, env={"HIGGS_DS_TEST_DUMP_WEIGHTS": str(out / "final.safetensors")})
+    code, output = launch(config, faults={"dump_weights": str(out / "final.safetensors")})
     assert code == 0, output[-3000:]
     return config, out, output
 
@@ -114,7 +114,7 @@ def test_a_lora_run_resumes_on_another_world_size(corpus, pretrained, lora_run, 
     saved = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
     overrides = (f"train.resume={tag}", f"train.out_dir={tmp_path / 'one'}")
     code, output = launch(config, *overrides, "train.max_steps=6", gpus=1,
-                          env={"HIGGS_DS_TEST_DUMP_WEIGHTS": str(tmp_path / "loaded.safetensors")})
+                          faults={"dump_weights": str(tmp_path / "loaded.safetensors")})
     assert code == 0, output[-3000:]
     assert "saved on 2 ranks, running on 1: universal checkpoint" in output
     weights, base = load_file(str(tmp_path / "loaded.safetensors")), read_port_state_dict(pretrained)
@@ -179,7 +179,7 @@ def test_export_merges_into_both_layouts_and_writes_a_peft_adapter_for_the_port(
     from peft import PeftModel
     from transformers import HiggsAudioV2ForConditionalGeneration
 
-    from higgs_ds.model.port import port_inputs
+    from higgs_ds.testing.port import port_inputs
 
     _, out, _ = lora_run
     assert export_main([str(out), "--out", str(tmp_path / "export"), "--layout", "all"]) == 0
@@ -218,7 +218,7 @@ def test_a_zero2_lora_run_trains_keeps_the_base_resumes_exactly_and_exports(corp
     for name in ("ref", "killed"):
         configs[name] = write_yaml(tmp_path / f"{name}.yaml", **lora_config(
             corpus, pretrained, tmp_path / name, max_steps=4, deepspeed=str(tmp_path / "zero2.json")))
-    code, output = launch(configs["ref"], env={"HIGGS_DS_TEST_DUMP_WEIGHTS": str(tmp_path / "final.safetensors")})
+    code, output = launch(configs["ref"], faults={"dump_weights": str(tmp_path / "final.safetensors")})
     assert code == 0, output[-3000:]
     steps = losses(tmp_path / "ref")
     assert steps[4] < steps[1], steps

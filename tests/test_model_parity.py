@@ -9,7 +9,7 @@ from transformers import HiggsAudioV2ForConditionalGeneration
 
 from higgs_ds.data.batch import Batch
 from higgs_ds.model import HiggsAudioForTraining, LossConfig, load_model
-from higgs_ds.model.port import port_inputs
+from higgs_ds.testing.port import port_inputs
 from model_helpers import (audio_in, audio_out, make_batch, random_codes, random_text, randomize, text,
                            tiny_config, tts_sample)
 

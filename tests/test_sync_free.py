@@ -1,12 +1,12 @@
 """The model's forward+backward runs without data-dependent host syncs when the Batch carries its index
-(counted by higgs_ds.model.host_syncs.DataDependentOps)."""
+(counted by higgs_ds.testing.host_syncs.DataDependentOps)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from higgs_ds.model import HiggsAudioForTraining, LossNorm, learnable_counts
-from higgs_ds.model.host_syncs import DataDependentOps
+from higgs_ds.testing.host_syncs import DataDependentOps
 from model_helpers import mixed_packed_batch, randomize, tiny_config
 
 CONFIG = tiny_config()

@@ -82,9 +82,13 @@ def base_config(corpus: Path, out: Path, **train) -> dict:
 
 
 def launch(config: Path, *overrides: str, env: dict | None = None, wait: bool = True, timeout: int = 300,
-           gpus: int = 2):
+           gpus: int = 2, faults: dict | None = None):
+    """`deepspeed --num_gpus N launch/train.py`; with `faults`, the tests' entry point plants them
+    (tests/launch_with_faults.py)."""
+    script = ROOT / "launch" / "train.py" if faults is None else ROOT / "tests" / "launch_with_faults.py"
+    env = {**(env or {}), **({"HIGGS_DS_FAULTS": json.dumps(faults)} if faults is not None else {})}
     command = [str(DEEPSPEED), "--num_gpus", str(gpus), "--master_port", str(processes.free_port()),
-               str(ROOT / "launch" / "train.py"), "--config", str(config), *overrides]
+               str(script), "--config", str(config), *overrides]
     process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     if not wait:
@@ -102,7 +106,7 @@ def launch(config: Path, *overrides: str, env: dict | None = None, wait: bool = 
 
 def kill_after_save(config: Path, out: Path, step: int) -> None:
     """Launch `config` and kill -9 the whole job once every rank has saved the step-`step` checkpoint."""
-    process = launch(config, env={"HIGGS_DS_TEST_HANG_AFTER_SAVE": str(step)}, wait=False)
+    process = launch(config, faults={"hang_after_save": step}, wait=False)
     try:
         deadline = time.time() + 300
         while not all((out / f"saved.rank{r}").exists() for r in range(2)):
@@ -185,7 +189,7 @@ def test_a_crash_during_the_save_leaves_the_previous_checkpoint(corpus, referenc
     _, ref_out, _ = reference
     out = tmp_path / "run"
     config = write_yaml(tmp_path / "run.yaml", **base_config(corpus, out, save_every=2))
-    code, output = launch(config, env={"HIGGS_DS_TEST_CRASH_IN_SAVE": "4"})
+    code, output = launch(config, faults={"crash_in_save": 4})
     assert code != 0
     partial = out / "checkpoints" / "step00000004"
     assert partial.is_dir() and not (partial / "COMPLETE").exists(), "the kill came between the shards and the mark"
@@ -213,7 +217,7 @@ def test_export_loads_in_transformers_and_gives_the_trained_logits(reference, co
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import HiggsAudioV2ForConditionalGeneration
 
-    from higgs_ds.model.port import port_inputs
+    from higgs_ds.testing.port import port_inputs
 
     _, out, _ = reference
     assert export_main([str(out), "--out", str(tmp_path / "export")]) == 0
@@ -659,7 +663,7 @@ def test_rng_state_holds_the_accelerators_generator_and_restores_it(monkeypatch)
     interface (stood in: no GPU here). A CPU checkpoint resumed on a GPU goes on without the device state."""
     import deepspeed
 
-    from higgs_ds.train.trainer import rng_state, set_rng_state
+    from higgs_ds.train.checkpointing import rng_state, set_rng_state
 
     torch.manual_seed(5)
     state = rng_state(torch.device("cpu"))
@@ -789,7 +793,7 @@ def test_a_non_finite_step_is_skipped_and_too_many_in_a_row_stop_the_run(corpus,
     out = tmp_path / "run"
     config = write_yaml(tmp_path / "run.yaml", **base_config(corpus, out, save_every=1, keep_last=100,
                                                               max_skipped_steps=3))
-    code, output = launch(config, env={"HIGGS_DS_TEST_NAN_STEPS": "3,5,6,7"})
+    code, output = launch(config, faults={"nan_steps": [3, 5, 6, 7]})
     assert code != 0 and "error: stopping at step 7: 3 steps in a row had a non-finite loss or gradient" in output
     weights = {s: get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=f"step{s:08d}")
                for s in (2, 3, 4)}
@@ -812,17 +816,13 @@ def test_a_leaking_setup_trips_the_collapse_alarm_and_a_correct_run_does_not(cor
     assert "COLLAPSE ALARM" not in reference_output
     out = tmp_path / "run"
     config = base_config(corpus, out)
-    config["model"]["leak_labels_for_tests"] = True
     config["guards"] = {"strict": True}
     config = write_yaml(tmp_path / "run.yaml", **config)
-    code, output = launch(config, env={"HIGGS_DS_TESTING": "1"})
+    code, output = launch(config, faults={"leak_labels": True})
     assert code == 3, output[-3000:]
     alarm = "error: COLLAPSE ALARM at step 1: 100% of the audio labels equal their own input frame"
     assert output.count(alarm) >= 2, "the guard's alarm, then the run's one-line stop message"
     assert len(losses(out)) <= 2, "stopped within a few steps"
-    # The switch exists for tests only.
-    monkeypatch.delenv("HIGGS_DS_TESTING", raising=False)
-    assert train_main(["--config", str(config)]) == 2
 
 
 

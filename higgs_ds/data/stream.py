@@ -252,7 +252,17 @@ class ShardLoader:
 
     def __len__(self) -> int:
         """Batches per epoch on this rank: the same on every rank."""
-        return self.plan(self.epoch).batches_per_slot * self.workers
+        return self.batches_in(self.epoch)
+
+    def batches_in(self, epoch: int) -> int:
+        """Batches epoch `epoch` gives this rank (every rank alike); plans it (a collective in training)."""
+        return self.plan(epoch).batches_per_slot * self.workers
+
+    def batches_left(self, num_epochs: int) -> int:
+        """Batches this rank still delivers from where it stands through epoch `num_epochs - 1`."""
+        if self.epoch >= num_epochs:
+            return 0
+        return len(self) - self.position + sum(self.batches_in(e) for e in range(self.epoch + 1, num_epochs))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.position = epoch, 0

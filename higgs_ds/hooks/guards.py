@@ -6,14 +6,17 @@
 An alarm warns, or with guards.strict stops every rank (through the engine's broadcast stop flag) with its reason."""
 from __future__ import annotations
 
-import math
 import sys
+
+from ..data.batch import IGNORE
+from ..model.losses import uniform_audio_loss
+from .base import StopRequest
 
 
 class CollapseGuard:
     def __init__(self, config, ids_per_codebook: int, num_codebooks: int):
         self.config = config.guards
-        uniform = math.log(ids_per_codebook) * (num_codebooks if config.model.audio_reduction == "sum" else 1)
+        uniform = uniform_audio_loss(ids_per_codebook, num_codebooks, config.model.audio_reduction)
         self.floor = self.config.audio_loss_floor if self.config.audio_loss_floor is not None else 0.01 * uniform
         self.text_trained, self.audio_trained = config.model.text_weight > 0, config.model.audio_weight > 0
         self.alarms: list[str] = []
@@ -27,7 +30,7 @@ class CollapseGuard:
                                      "(guards.audio_loss_floor): the model may be copying its input")
         p = report.predictions
         if p is not None and p.get("audio_inputs") is not None and p["audio_inputs"].numel():
-            learnable = p["audio_labels"] != -100
+            learnable = p["audio_labels"] != IGNORE
             if learnable.sum() >= 8:
                 inputs = p["audio_inputs"]
                 predicted_copy = float(((p["audio_predictions"] == inputs) & learnable).sum() / learnable.sum())
@@ -62,5 +65,5 @@ class CollapseGuard:
     def on_eval(self, step, metrics) -> None:
         pass
 
-    def stop_requested(self):
-        return self.alarms[0] if self.alarms and self.config.strict else False
+    def stop_requested(self) -> StopRequest | None:
+        return StopRequest(self.alarms[0], failed=True) if self.alarms and self.config.strict else None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE = -100
+from ..data.batch import IGNORE
 
 
 def sample_of(positions: torch.Tensor, segment_ids: torch.Tensor, keys: list[str]) -> list[str]:

@@ -65,8 +65,8 @@ class TensorBoardHook:
             self.writer.add_scalar(name, value, step)
         self.writer.flush()
 
-    def stop_requested(self) -> bool:
-        return False
+    def stop_requested(self):
+        return None
 
     def close(self) -> None:
         if self.writer is not None:

@@ -19,7 +19,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
 from safetensors import safe_open
@@ -130,15 +130,17 @@ def expected_shapes(config: HiggsModelConfig) -> dict[str, tuple[int, ...]]:
         return {key: tuple(value.shape) for key, value in HiggsAudioForTraining(config).state_dict().items()}
 
 
-def check_state_dict(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], source: str) -> None:
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    wrong = [f"{key}: expected {expected[key]}, checkpoint has {tuple(state[key].shape)}"
-             for key in sorted(expected.keys() & state.keys()) if tuple(state[key].shape) != expected[key]]
+def check_state_dict(state: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], source: str) -> None:
+    """`state`: name → tensor or shape. Missing, unexpected or misshapen tensors are refused by name, in one line."""
+    shapes = {key: tuple(value.shape) if hasattr(value, "shape") else tuple(value) for key, value in state.items()}
+    missing = sorted(expected.keys() - shapes.keys())
+    unexpected = sorted(shapes.keys() - expected.keys())
+    wrong = [f"{key}: expected {expected[key]}, checkpoint has {shapes[key]}"
+             for key in sorted(expected.keys() & shapes.keys()) if shapes[key] != expected[key]]
     if missing or unexpected or wrong:
         problems = ([f"shape mismatch: {w}" for w in wrong] + ([f"missing keys: {missing}"] if missing else [])
                     + ([f"unexpected keys: {unexpected}"] if unexpected else []))
-        raise ValueError(f"{source}: checkpoint does not match the config:\n  " + "\n  ".join(problems))
+        raise ValueError(f"{source}: checkpoint does not match the config: {'; '.join(problems)}")
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None, tokenizer=None,

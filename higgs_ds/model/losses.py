@@ -20,10 +20,11 @@ A normaliser of 0 (no such tokens anywhere) counts as 1: that term is then 0 and
 
 Logging. `loss_means` turns sums and counts into the logged means with the same reduction as the objective:
 `loss/text`, `loss/audio` (exactly the audio term used: sum or mean over codebooks), `loss/audio_cb{k}`, `loss/total`.
-Feed it all-reduced sums/counts to log global means; the model reports this batch's.
+Feed it all-reduced sums/counts (`LossSums`) to log global means; the model reports this batch's.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -64,12 +65,11 @@ class LearnableCounts:
     audio: torch.Tensor  # long [K]
 
 
-def next_token_targets(label_ids: torch.Tensor, audio_out_labels: torch.Tensor, index: BatchIndex,
-                       shift: int = 1) -> Targets:
-    """Gathers only (no data-dependent shapes): the positions were chosen by `index_batch` on the CPU. `shift=0`
-    exists only for the tests that plant the classic bug (the label at t itself: the model copies its input)."""
-    return Targets(text=label_ids.flatten()[index.text_target_positions + shift],
-                   audio=audio_out_labels[:, index.audio_target_frames + shift].T)
+def next_token_targets(label_ids: torch.Tensor, audio_out_labels: torch.Tensor, index: BatchIndex) -> Targets:
+    """Gathers only (no data-dependent shapes): the positions were chosen by `index_batch` on the CPU; the target of
+    position t is the label at t + 1."""
+    return Targets(text=label_ids.flatten()[index.text_target_positions + 1],
+                   audio=audio_out_labels[:, index.audio_target_frames + 1].T)
 
 
 def learnable_counts(batch: Batch) -> LearnableCounts:
@@ -80,6 +80,11 @@ def learnable_counts(batch: Batch) -> LearnableCounts:
 
 def reduce_codebooks(per_codebook: torch.Tensor, reduction: str) -> torch.Tensor:
     return per_codebook.sum() if reduction == "sum" else per_codebook.mean()
+
+
+def uniform_audio_loss(ids_per_codebook: int, num_codebooks: int, reduction: str) -> float:
+    """The audio term of a model that predicts every id of every codebook alike (ln(ids) per codebook)."""
+    return float(reduce_codebooks(torch.full((num_codebooks,), math.log(ids_per_codebook)), reduction))
 
 
 def _terms(text_loss_sum, text_norm, audio_loss_sum, audio_norm, config: LossConfig):
@@ -101,19 +106,42 @@ def objective(text_loss_sum: torch.Tensor, text_tokens: torch.Tensor, audio_loss
     return scale * _terms(text_loss_sum, text_norm, audio_loss_sum, audio_norm, config)[3]
 
 
-def loss_sums(text_loss_sum: torch.Tensor, text_tokens: torch.Tensor, audio_loss_sum: torch.Tensor,
-              audio_tokens: torch.Tensor) -> torch.Tensor:
-    """One float64 vector [text sum, text count, audio sums (K), audio counts (K)] on the sums' device: add it up
-    over micro-batches and batches, all-reduce it once, and read the means with `means_of_sums`."""
-    return torch.cat([text_loss_sum.reshape(1).double(), text_tokens.reshape(1).double(), audio_loss_sum.double(),
-                      audio_tokens.double()])
+@dataclass
+class LossSums:
+    """Loss sums and learnable counts as one float64 vector [text sum, text count, audio sums (K), audio counts (K)]
+    on the sums' device: add it up over micro-batches and batches, all-reduce `.vector` once, read `.means`."""
 
+    vector: torch.Tensor
 
-def means_of_sums(sums: torch.Tensor, num_codebooks: int, config: "LossConfig") -> dict[str, float]:
-    """`loss_means` of a (summed, all-reduced) `loss_sums` vector, as floats."""
-    k = num_codebooks
-    means = loss_means(sums[0], sums[1], sums[2:2 + k], sums[2 + k:2 + 2 * k], config)
-    return {name: float(value) for name, value in means.items()}
+    @classmethod
+    def zeros(cls, num_codebooks: int, device=None) -> "LossSums":
+        return cls(torch.zeros(2 + 2 * num_codebooks, dtype=torch.float64, device=device))
+
+    @classmethod
+    def of(cls, text_loss_sum: torch.Tensor, text_tokens: torch.Tensor, audio_loss_sum: torch.Tensor,
+           audio_tokens: torch.Tensor) -> "LossSums":
+        return cls(torch.cat([text_loss_sum.reshape(1).double(), text_tokens.reshape(1).double(),
+                              audio_loss_sum.double(), audio_tokens.double()]))
+
+    @property
+    def num_codebooks(self) -> int:
+        return (self.vector.numel() - 2) // 2
+
+    @property
+    def text_count(self) -> torch.Tensor:
+        return self.vector[1]
+
+    @property
+    def audio_counts(self) -> torch.Tensor:
+        return self.vector[2 + self.num_codebooks:]
+
+    def __add__(self, other: "LossSums") -> "LossSums":
+        return LossSums(self.vector + other.vector)
+
+    def means(self, config: LossConfig) -> dict[str, float]:
+        """`loss_means` of these sums, as floats."""
+        k, v = self.num_codebooks, self.vector
+        return {name: float(value) for name, value in loss_means(v[0], v[1], v[2:2 + k], v[2 + k:], config).items()}
 
 
 def loss_means(text_loss_sum: torch.Tensor, text_tokens: torch.Tensor, audio_loss_sum: torch.Tensor,

@@ -34,7 +34,7 @@ from ..model_config import HiggsModelConfig, as_model_config
 from . import heads
 from .heads import HeadLoss, LinearCrossEntropyHead
 from ..data.batch import IGNORE, BatchIndex, index_batch
-from .losses import LossConfig, LossNorm, loss_means, loss_sums, next_token_targets, objective
+from .losses import LossConfig, LossNorm, LossSums, loss_means, next_token_targets, objective
 
 try:  # CUDA-only fused kernels; the torch path is the reference.
     from liger_kernel.ops.rms_norm import LigerRMSNormFunction
@@ -67,9 +67,9 @@ class HiggsAudioOutput(NamedTuple):
     audio_frames: torch.Tensor | None = None  # [n] audio-out frame j (a column of audio_out_ids) predicting j + 1
     audio_inputs: torch.Tensor | None = None  # [n, K] the input codes at frame j (copy detection compares them)
 
-    def sums(self) -> torch.Tensor:
-        """This batch's losses.loss_sums vector (on the model's device: adding it up costs no host sync)."""
-        return loss_sums(self.text_loss_sum, self.text_tokens, self.audio_loss_sum, self.audio_tokens)
+    def sums(self) -> LossSums:
+        """This batch's loss sums and counts (on the model's device: adding them up costs no host sync)."""
+        return LossSums.of(self.text_loss_sum, self.text_tokens, self.audio_loss_sum, self.audio_tokens)
 
 
 @dataclass
@@ -221,7 +221,7 @@ class HiggsAudioForTraining(nn.Module):
     logits(**batch.model_inputs()) -> HiggsAudioLogits (parity tests, inference)."""
 
     def __init__(self, config: HiggsModelConfig | HiggsAudioV2Config, loss_config: LossConfig = LossConfig(),
-                 attn_implementation: str = "auto", head_impl: str = "auto", leak_labels_for_tests: bool = False):
+                 attn_implementation: str = "auto", head_impl: str = "auto"):
         """`config`: read by `higgs_ds.model_config.read_model_config` (a transformers HiggsAudioV2Config is read as a
         port-layout config). `self.model_config` keeps it; `self.config` is the HiggsAudioV2Config the port modules
         are built from (its `codebook_size` = ids per codebook, incl. stream bos/eos)."""
@@ -237,7 +237,6 @@ class HiggsAudioForTraining(nn.Module):
         self.config = config
         self.config._attn_implementation = attn_implementation
         self.loss_config = loss_config
-        self.target_shift = 0 if leak_labels_for_tests else 1  # 0: the planted unshifted-label bug (tests only)
         self.model = HiggsAudioBackbone(self.config)
         self.audio_lm_head = LinearCrossEntropyHead(config.hidden_size, config.codebook_size,
                                                     num_heads=config.num_codebooks, impl=head_impl)
@@ -272,7 +271,7 @@ class HiggsAudioForTraining(nn.Module):
         check_shapes(self.config, input_ids, attention_mask, position_ids, segment_ids, label_ids, audio_in_mask,
                      audio_out_mask, audio_in_ids, audio_out_ids, audio_out_labels, index)
         hidden = self.model(input_ids, position_ids, segment_ids, audio_in_ids, audio_out_ids, index).flatten(0, 1)
-        targets = next_token_targets(label_ids, audio_out_labels, index, self.target_shift)
+        targets = next_token_targets(label_ids, audio_out_labels, index)
         text: HeadLoss = self.text_lm_head(hidden[index.text_target_positions], targets.text, return_predictions)
         audio: HeadLoss = self.audio_lm_head(hidden[index.audio_target_positions], targets.audio,
                                              return_predictions)

@@ -1,5 +1,9 @@
-"""Engine: run configs, DeepSpeed ZeRO training loop, crash-safe checkpoints, export. Imports data/ and model/."""
+"""Engine: run configs, preflight, the DeepSpeed ZeRO model and step loop, crash-safe checkpoints, export,
+evaluation. Imports data/, model/ and hooks/; nothing imports it back."""
+from ..hooks.base import StepHook, StepReport, StopRequest
 from .config import RunConfig, RunConfigError, load_config
-from .trainer import StepHook, StepReport, Trainer, main, run
+from .runtime import main, run
+from .trainer import Trainer
 
-__all__ = ["RunConfig", "RunConfigError", "StepHook", "StepReport", "Trainer", "load_config", "main", "run"]
+__all__ = ["RunConfig", "RunConfigError", "StepHook", "StepReport", "StopRequest", "Trainer", "load_config", "main",
+           "run"]

@@ -36,12 +36,15 @@ def apply_freeze(model: torch.nn.Module, recipe: str, patterns: list[str] | None
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters in two groups: with weight decay, and without (norms, biases, embeddings)."""
+    """Trainable parameters in up to two groups: with weight decay, and without (norms, biases, embeddings). An
+    empty group is left out: DeepSpeed drops it from the optimizer while a schedule built before would keep its
+    learning rate, and the first step would fail (a recipe that trains only decayed or only undecayed weights)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if any(re.search(p, name) for p in NO_DECAY) else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:

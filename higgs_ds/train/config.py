@@ -18,9 +18,11 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..data.shards import is_remote
+from ..model.heads import IMPLS as HEAD_IMPLS
+from ..model.modeling import ATTENTION_IMPLEMENTATIONS
+from .components import RECIPES as FREEZE_RECIPES
 from .lora import PRESETS as LORA_PRESETS
 
-FREEZE_RECIPES = ("none", "audio_only", "text_head_only")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -40,7 +42,6 @@ class ModelSection:
     audio_weight: float = 1.0
     audio_reduction: str = "sum"  # sum | mean over codebooks
     init_seed: int = 0  # random initialisation (model.config only)
-    leak_labels_for_tests: bool = False  # the planted unshifted-loss bug; refused unless HIGGS_DS_TESTING=1
 
 
 @dataclass
@@ -88,7 +89,9 @@ class TrainSection:
     max_skipped_steps: int = 5  # steps in a row with a non-finite loss/gradient (skipped) before the run stops
     resume: str = "none"  # none | auto (newest complete checkpoint in out_dir, if any) | a checkpoint directory
     seed: int = 0  # each rank's runtime RNG (dropout) is seeded seed + rank after the weights' init (model.init_seed)
-    trace_samples: bool = False  # every rank writes OUT/trace/rank{r}.jsonl: the sample keys of each micro-batch
+    # Every rank appends to OUT/trace/rank{r}.jsonl one row per micro-batch, {"step", "micro", "keys"}: the sample
+    # keys it consumed (which data trained which step; docs/training.md).
+    trace_samples: bool = False
     hooks: list[str] = field(default_factory=list)  # "module:Class" StepHooks built on rank 0 with the RunConfig
     tensorboard: bool = True  # OUT/tensorboard event files (higgs_ds.hooks.TensorBoardHook)
     slice_every: int = 50  # prediction-vs-label slices in TensorBoard every N steps (0 = never)
@@ -106,11 +109,6 @@ class LoraSection:
     # Parameters trained in full beside the adapters (regexes of parameter names); default: the audio embedding
     # and the audio head (25 M each at the release's widths). The 394 M text head/embedding work too, at full cost.
     train_in_full: list[str] = field(default_factory=lambda: [r"^model\.embed_audio_tokens\.", r"^audio_lm_head\."])
-
-
-def run_lora(run: dict) -> LoraSection | None:
-    """The LoRA section of a run's saved config (OUT/config.json); None when the run trained without LoRA."""
-    return LoraSection(**run["lora"]) if run.get("lora", {}).get("rank") else None
 
 
 @dataclass
@@ -136,6 +134,18 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_saved(cls, run_dir: str | Path) -> "RunConfig":
+        """The resolved config a run saved as OUT/config.json (what evaluate and export read), typed and checked
+        like a run YAML except for paths that no longer exist (a finished run's shards may be gone)."""
+        path = Path(run_dir) / "config.json"
+        try:
+            saved = json.loads(path.read_text())
+            merged = OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(saved))
+            return OmegaConf.to_object(merged)
+        except (OSError, ValueError, OmegaConfBaseException) as exc:
+            raise RunConfigError(f"{path}: not a run's saved config ({str(exc).splitlines()[0]})") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
@@ -193,11 +203,14 @@ def check(config: RunConfig) -> None:
     need(d.layout in ("padded", "packed"), "data.layout", f"expected padded or packed, got {d.layout!r}")
     need((d.layout == "packed") == (d.pack_length is not None), "data.pack_length",
          "set for, and only for, data.layout=packed (use null with padded)")
+    need(m.head_impl in HEAD_IMPLS, "model.head_impl", f"expected one of {HEAD_IMPLS}, got {m.head_impl!r}")
+    need(m.attn_implementation in ("auto", *ATTENTION_IMPLEMENTATIONS), "model.attn_implementation",
+         f"expected one of {('auto', *ATTENTION_IMPLEMENTATIONS)}, got {m.attn_implementation!r}")
     need(m.audio_reduction in ("sum", "mean"), "model.audio_reduction",
          f"expected sum or mean, got {m.audio_reduction!r}")
     need(o.name in ("adamw", "sgd"), "optim.name", f"expected adamw or sgd, got {o.name!r}")
     need(t.precision in PRECISIONS, "train.precision", f"expected one of {PRECISIONS}, got {t.precision!r}")
-    need(t.freeze in FREEZE_RECIPES, "train.freeze", f"expected one of {FREEZE_RECIPES}, got {t.freeze!r}")
+    need(t.freeze in FREEZE_RECIPES, "train.freeze", f"expected one of {tuple(FREEZE_RECIPES)}, got {t.freeze!r}")
     need(t.resume in ("none", "auto") or Path(t.resume).is_dir(), "train.resume",
          f"expected none, auto or a checkpoint directory, got {t.resume!r}")
     for key, value, low in (("train.grad_accum", t.grad_accum, 1), ("train.epochs", t.epochs, 1),
@@ -210,8 +223,6 @@ def check(config: RunConfig) -> None:
     need((d.max_tokens is None) != (d.batch_size is None), "data.max_tokens / data.batch_size",
          "give exactly one (the other null)")
     need((d.max_tokens or 1) >= 1 and (d.batch_size or 1) >= 1, "data.max_tokens / data.batch_size", "must be >= 1")
-    need(not m.leak_labels_for_tests or os.environ.get("HIGGS_DS_TESTING") == "1", "model.leak_labels_for_tests",
-         "plants the unshifted-loss bug; it exists for the test suite only (HIGGS_DS_TESTING=1)")
     lora = config.lora
     need(lora.rank >= 0, "lora.rank", f"must be >= 0 (0 = off), got {lora.rank}")
     if lora.rank:

@@ -9,32 +9,29 @@ from pathlib import Path
 
 import torch
 
-from ..data.collator import Collator
-from ..data.shards import check_fingerprint, data_fingerprint
 from ..data.stream import ShardLoader
-from ..data.tokens import SpecialTokens
-from ..model import HiggsAudioForTraining, LossConfig, read_model_config
+from ..model import HiggsAudioForTraining, LossConfig
 from ..model.checkpoint import check_state_dict
-from ..model.losses import means_of_sums
+from ..model.losses import LossSums
+from ..vocabulary import load_vocabulary
 from . import checkpointing
-from .config import run_lora
+from .config import RunConfig
+from .loaders import make_collator
 from .lora import apply_lora
 from .weights import load_pretrained
 
 
 def evaluate(checkpoint: Path, split: str, max_tokens: int | None = None) -> dict[str, float]:
-    from transformers import AutoTokenizer
-
-    run = checkpointing.run_config(checkpoint)
-    m, d = run["model"], run["data"]
-    tokenizer = AutoTokenizer.from_pretrained(m["tokenizer"])
-    model_config = read_model_config(m["pretrained"] or m["config"], tokenizer)
-    tokens = SpecialTokens.from_tokenizer(tokenizer, model_config.pad_token_id)
-    model = HiggsAudioForTraining(model_config, LossConfig(m["text_weight"], m["audio_weight"], m["audio_reduction"]),
-                                  attn_implementation=m["attn_implementation"], head_impl=m["head_impl"])
-    lora = run_lora(run)
+    run = RunConfig.from_saved(checkpointing.run_dir(checkpoint))
+    m, d = run.model, run.data
+    vocabulary = load_vocabulary(m.tokenizer, m.pretrained or m.config, "model.tokenizer",
+                                 "model.pretrained" if m.pretrained else "model.config")
+    model_config = vocabulary.model_config
+    model = HiggsAudioForTraining(model_config, LossConfig(m.text_weight, m.audio_weight, m.audio_reduction),
+                                  attn_implementation=m.attn_implementation, head_impl=m.head_impl)
+    lora = run.lora if run.lora.rank else None
     if lora is not None:  # the checkpoint holds the adapters and the extras; the base is the pretrained checkpoint
-        load_pretrained(model, m["pretrained"], model_config)
+        load_pretrained(model, m.pretrained, model_config)
         apply_lora(model, lora)
     params = dict(model.named_parameters())
     state = checkpointing.consolidated_state(checkpoint)  # a LoRA run's: what it trained, and nothing else
@@ -44,19 +41,16 @@ def evaluate(checkpoint: Path, split: str, max_tokens: int | None = None) -> dic
         for name, tensor in state.items():
             params[name].copy_(tensor.contiguous())  # one tensor gathered at a time
     model.eval()
-    collator = Collator(tokens, model_config.audio, layout=d["layout"], round_to=d["round_to"],
-                        pack_length=d["pack_length"])
-    loader = ShardLoader(split, collator, rank=0, world_size=1, max_tokens=max_tokens or d["max_tokens"],
-                         batch_size=None if (max_tokens or d["max_tokens"]) else d["batch_size"], shuffle=False,
-                         num_epochs=1)
-    check_fingerprint(loader.manifest, data_fingerprint(tokenizer, tokens, model_config.audio))
-    k = model_config.audio.num_codebooks
-    sums = torch.zeros(2 + 2 * k, dtype=torch.float64)
+    budget = max_tokens or d.max_tokens
+    loader = ShardLoader(split, make_collator(run, vocabulary.tokens, model_config.audio), rank=0, world_size=1,
+                         max_tokens=budget, batch_size=None if budget else d.batch_size, shuffle=False, num_epochs=1,
+                         fingerprint=vocabulary.fingerprint())
+    sums = LossSums.zeros(model_config.audio.num_codebooks)
     with torch.no_grad():
         for batch in loader:
-            sums += model(**batch.model_inputs()).sums()
-    result = means_of_sums(sums, k, model.loss_config)
-    result.update({"tokens/text_learnable": int(sums[1]), "tokens/audio_learnable": int(sums[2 + k:].sum()),
+            sums = sums + model(**batch.model_inputs()).sums()
+    result = sums.means(model.loss_config)
+    result.update({"tokens/text_learnable": int(sums.text_count), "tokens/audio_learnable": int(sums.audio_counts.sum()),
                    **{key: value for key, value in loader.stats().items() if key.endswith("samples")}})
     return result
 
@@ -71,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = evaluate(checkpointing.resolve(args.checkpoint), args.split, args.max_tokens)
-    except ValueError as exc:
+    except ValueError as exc:  # RunConfigError, VocabularyError, a checkpoint or split that does not fit
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:

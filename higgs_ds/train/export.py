@@ -17,8 +17,9 @@ from pathlib import Path
 
 from ..model import read_model_config, save_checkpoint
 from ..model.checkpoint import check_state_dict, expected_shapes, weight_files
+from ..vocabulary import load_vocabulary
 from . import checkpointing
-from .config import run_lora
+from .config import RunConfig
 from .lora import ADAPTER, Lazy, alpha_of, merged_state, save_peft_adapter
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -26,31 +27,44 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def export(checkpoint: Path, out: Path, layouts: list[str], max_shard_bytes: int = 5 * 2**30) -> list[Path]:
-    from transformers import AutoTokenizer
-
-    run = checkpointing.run_config(checkpoint)
-    tokenizer_dir = Path(run["model"]["tokenizer"])
-    model_config = read_model_config(run["model"]["pretrained"] or run["model"]["config"],
-                                     AutoTokenizer.from_pretrained(str(tokenizer_dir)))
+    run = RunConfig.from_saved(checkpointing.run_dir(checkpoint))
+    m = run.model
+    tokenizer_dir = Path(m.tokenizer)
+    model_config = load_vocabulary(m.tokenizer, m.pretrained or m.config, "model.tokenizer",
+                                   "model.pretrained" if m.pretrained else "model.config").model_config
     state = checkpointing.consolidated_state(checkpoint)
-    lora = run_lora(run)
+    lora = run.lora if run.lora.rank else None
     trained = None
     if lora is not None:  # the checkpoint holds the adapters and the parameters trained in full only
         expected = expected_shapes(model_config)
         trained = {k: v for k, v in state.items() if ADAPTER in k or k in expected}
-        state = merged_state(run["model"]["pretrained"], trained, alpha_of(lora) / lora.rank)
+        state = merged_state(m.pretrained, trained, alpha_of(lora) / lora.rank)
     elif "peft" in layouts:
         raise ValueError(f"{checkpoint}: --layout peft exports LoRA adapters, and this run trained without LoRA "
                          "(lora.rank=0)")
-    peft = (lambda target: save_peft_adapter(trained, target, lora, base_model=run["model"]["pretrained"]))
+
+    def peft(target: Path) -> None:
+        save_peft_adapter(trained, target, lora, base_model=peft_base(Path(m.pretrained), target, tokenizer_dir))
+
     return write(state, model_config, out, layouts, tokenizer_dir, max_shard_bytes, peft)
+
+
+def peft_base(pretrained: Path, adapter_dir: Path, tokenizer_dir: Path) -> str:
+    """The base an adapter names (base_model_name_or_path): transformers loads only the port layout, so a
+    port-layout `model.pretrained` is named as it is, and a boson-layout one (the release) is converted into
+    ADAPTER/base first (in its stored dtype, with the tokenizer) and that is named. Absolute paths: PEFT reads
+    them from any folder."""
+    if read_model_config(pretrained).layout == "port":
+        return str(pretrained.resolve())
+    base = adapter_dir / "base"
+    convert(pretrained, base, ["port"], tokenizer_dir)
+    print(f"wrote {base} (the adapter's base: model.pretrained {pretrained} converted to the port layout)")
+    return str(base.resolve())
 
 
 def convert(model_dir: Path, out: Path, layouts: list[str], tokenizer_dir: Path,
             max_shard_bytes: int = 5 * 2**30) -> list[Path]:
     """A model directory of either layout rewritten in `layouts`, tensor by tensor, each in its stored dtype."""
-    from transformers import AutoTokenizer
-
     from .weights import read_tensor, weight_plan
 
     if "peft" in layouts:
@@ -58,7 +72,7 @@ def convert(model_dir: Path, out: Path, layouts: list[str], tokenizer_dir: Path,
     if not any((tokenizer_dir / name).exists() for name in TOKENIZER_FILES[:2]):
         raise ValueError(f"{tokenizer_dir}: no tokenizer here (tokenizer.json / tokenizer_config.json); the token ids "
                          "of the config come from it: pass --tokenizer DIR")
-    model_config = read_model_config(model_dir, AutoTokenizer.from_pretrained(str(tokenizer_dir)))
+    model_config = load_vocabulary(tokenizer_dir, model_dir, "--tokenizer", "MODEL_DIR").model_config
     plan = weight_plan(model_dir)
     if not_float := [name for name, planned in plan.items() if planned.dtype is None]:
         raise ValueError(f"{model_dir}: {not_float[:3]} are not stored as floating-point weights")
@@ -75,7 +89,7 @@ def write(state: dict, model_config, out: Path, layouts: list[str], tokenizer_di
     for layout in layouts:
         target = out / layout if len(layouts) > 1 else out
         if target.exists() and any(target.iterdir()):
-            raise SystemExit(f"{target}: exists and is not empty")
+            raise ValueError(f"--out {target}: exists and is not empty")
         if layout == "peft":
             peft(target)
         else:
@@ -100,7 +114,8 @@ def is_model_dir(path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="launch/export.py", description="Export a higgs-ds training checkpoint "
+    parser = argparse.ArgumentParser(prog="launch/export.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     description="Export a higgs-ds training checkpoint "
                                      "to consolidated safetensors (transformers and/or boson layout, or a LoRA run's "
                                      "PEFT adapter); or rewrite a model directory (e.g. the boson release) in the "
                                      "other layout.")
@@ -114,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                              "format, for PeftModel.from_pretrained on the port; all = port, boson and peft")
     parser.add_argument("--tokenizer", type=Path, help="converting a model directory: its tokenizer (default: the "
                                                        "tokenizer files in that directory)")
-    parser.add_argument("--max-shard-bytes", type=int, default=5 * 2**30)
+    parser.add_argument("--max-shard-bytes", type=int, default=5 * 2**30, help="largest safetensors file written")
     args = parser.parse_args(argv)
     layouts = {"both": ["port", "boson"], "all": ["port", "boson", "peft"]}.get(args.layout, [args.layout])
     try:
@@ -123,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                               args.max_shard_bytes)
         else:
             written = export(checkpointing.resolve(args.checkpoint), args.out, layouts, args.max_shard_bytes)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError) as exc:  # RunConfigError and VocabularyError are ValueErrors
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for path in written:

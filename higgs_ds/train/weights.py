@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from safetensors import safe_open
 
-from ..model.checkpoint import BOSON_TO_PORT, IGNORED_SUFFIXES, SPLIT_KEY, expected_shapes, weight_files
+from ..model.checkpoint import (BOSON_TO_PORT, IGNORED_SUFFIXES, SPLIT_KEY, check_state_dict, expected_shapes,
+                                weight_files)
 from ..model_config import HiggsModelConfig
 
 Source = tuple[Path, str]  # (safetensors file, stored key)
@@ -36,6 +37,16 @@ def checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
+def open_safetensors(file: Path):
+    """safe_open, with a damaged file named: safetensors reports a truncated or garbled file without its path."""
+    from safetensors import SafetensorError
+
+    try:
+        return safe_open(str(file), framework="pt")
+    except SafetensorError as exc:
+        raise ValueError(f"{file}: truncated or corrupt safetensors file ({exc})") from None
+
+
 def weight_plan(path: str | Path) -> dict[str, PlannedWeight]:
     """Port-layout name → the stored tensors it is made of, its shape and stored dtype, from the safetensors
     headers alone."""
@@ -44,7 +55,7 @@ def weight_plan(path: str | Path) -> dict[str, PlannedWeight]:
     shapes: dict[str, list[int]] = {}
     dtypes: dict[str, torch.dtype | None] = {}
     for file in checkpoint_files(path):
-        with safe_open(str(file), framework="pt") as handle:
+        with open_safetensors(file) as handle:
             for key in handle.keys():
                 if key in stored:
                     raise ValueError(f"{file}: tensor {key} also appears in {stored[key].name}")
@@ -78,15 +89,9 @@ def weight_plan(path: str | Path) -> dict[str, PlannedWeight]:
 def read_tensor(sources: list[Source]) -> torch.Tensor:
     parts = []
     for file, key in sources:
-        with safe_open(str(file), framework="pt") as handle:
+        with open_safetensors(file) as handle:
             parts.append(handle.get_tensor(key))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-
-
-def stream_port_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(port-layout name, tensor) for every weight of a checkpoint of either layout, one at a time."""
-    for name, planned in sorted(weight_plan(path).items()):
-        yield name, read_tensor(planned.sources)
 
 
 def load_pretrained(model: torch.nn.Module, path: str | Path, config: HiggsModelConfig, rank: int = 0,
@@ -94,13 +99,7 @@ def load_pretrained(model: torch.nn.Module, path: str | Path, config: HiggsModel
     """Copy a checkpoint into `model` tensor by tensor (every rank calls it). Returns the number of tensors.
     Missing, unexpected or misshapen tensors are refused by name before anything is read."""
     plan = weight_plan(path)
-    expected = expected_shapes(config)
-    problems = [f"missing {sorted(expected.keys() - plan.keys())}"] if expected.keys() - plan.keys() else []
-    problems += [f"unexpected {sorted(plan.keys() - expected.keys())}"] if plan.keys() - expected.keys() else []
-    problems += [f"{name} has shape {shape}, the config expects {expected[name]}"
-                 for name, (_, shape, _) in sorted(plan.items()) if name in expected and shape != expected[name]]
-    if problems:
-        raise ValueError(f"{path}: checkpoint does not match the model config: {'; '.join(problems)}")
+    check_state_dict({name: planned.shape for name, planned in plan.items()}, expected_shapes(config), str(path))
     params = dict(model.named_parameters())
     for name in sorted(plan):
         tensor = read(plan[name].sources) if rank == 0 or not zero3 else None  # ZeRO-2: every rank holds it all

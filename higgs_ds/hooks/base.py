@@ -1,0 +1,76 @@
+"""The seam between the engine and rank 0's hooks: what a hook receives after each step (`StepReport`), what it may
+answer (`StopRequest`), and `Hooks`, which calls them so that a failing hook is switched off with one error line
+instead of taking every rank down."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass
+class StepReport:
+    """What rank 0's hooks receive after each optimizer step. Values are all-reduced over ranks."""
+
+    step: int
+    total_steps: int
+    metrics: dict[str, float]  # loss/..., lr, grad_norm, throughput/..., counts
+    rank_learnable: list[list[int]]  # per rank: [text, audio codebook 0..K-1] learnable tokens this step
+    predictions: dict[str, Any] | None = None  # rank 0's last micro-batch: model predictions, labels, sample keys
+    stream: dict[str, int] = field(default_factory=dict)  # the stream's counters summed over ranks; epoch, position
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    """A hook asks every rank to stop after this step. `failed`: the run ends with an error (exit 3, `reason` as its
+    one line), e.g. a strict guard's alarm; else it ends normally (saved, evaluated) at this step."""
+
+    reason: str
+    failed: bool = False
+
+
+class StepHook(Protocol):
+    def on_step(self, report: StepReport) -> None: ...
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None: ...
+    def stop_requested(self) -> StopRequest | None: ...
+    # Optional: on_start(step) before the first step (after a resume: the step it resumes at), close() at the end.
+
+
+class Hooks:
+    """Rank 0's hooks, called in order; one that raises is reported once and switched off."""
+
+    def __init__(self, hooks: list[StepHook]):
+        self.hooks = list(hooks)
+
+    def __bool__(self) -> bool:
+        return bool(self.hooks)
+
+    def _call(self, method: str, where: str, *args) -> None:
+        for hook in list(self.hooks):
+            try:
+                if method == "stop_requested":  # collects the answers into args[0]
+                    if (request := hook.stop_requested()) is not None:
+                        args[0].append(request)
+                else:
+                    getattr(hook, method, lambda *a: None)(*args)
+            except Exception as exc:  # noqa: BLE001 - a broken hook must not take the run (and every rank) down
+                print(f"error: hook {type(hook).__name__} failed {where} and is switched off: "
+                      f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                self.hooks.remove(hook)
+
+    def on_start(self, step: int) -> None:
+        self._call("on_start", "at the start", step)
+
+    def on_step(self, report: StepReport) -> StopRequest | None:
+        """Every hook's on_step, then the first stop request (a failing one before a plain one)."""
+        where = f"at step {report.step}"
+        self._call("on_step", where, report)
+        requests: list[StopRequest] = []
+        self._call("stop_requested", where, requests)
+        return next((r for r in requests if r.failed), requests[0] if requests else None)
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self._call("on_eval", f"at the evaluation of step {step}", step, metrics)
+
+    def close(self) -> None:
+        self._call("close", "when closing")
