@@ -27,8 +27,8 @@ from higgs_ds.data.collator import Collator
 from higgs_ds.data.masking import mask_stats, masking_rows, table
 from higgs_ds.data.sample import TokenizedSample
 from higgs_ds.data.batch import IGNORE
-from higgs_ds.data.shards import (COUNTS, MANIFEST, Manifest, ShardError, atomic_write, decode_sample,
-                                  file_sha256, read_shard, sample_counts, tar_problem)
+from higgs_ds.data.shards import (COUNTS, MANIFEST, Manifest, ShardError, Stray, atomic_write, decode_sample,
+                                  file_sha256, sample_counts, shard_entries, tar_problem)
 from higgs_ds.data.tokens import AudioSettings, SpecialTokens
 
 from data_tools.build_shards import _prog, load_model_config, load_tokenizer as _load_tokenizer, special_tokens
@@ -130,13 +130,16 @@ def readable_samples(paths: list[Path], tokens: SpecialTokens, audio: AudioSetti
     """(shard path, tar key, sample) for every sample that decodes; the others are printed as BAD lines."""
     for path in paths:
         try:
-            for raw in read_shard(path):
+            for entry in shard_entries(path):
+                if isinstance(entry, Stray):
+                    print(f"BAD {path.name}: {entry}")
+                    continue
                 try:
-                    sample = decode_sample(raw, tokens, audio)
+                    sample = decode_sample(entry, tokens, audio)
                 except ShardError as exc:
                     print(f"BAD {exc}")
                     continue
-                yield path, raw["__key__"], sample
+                yield path, entry["__key__"], sample
         except ShardError as exc:
             print(f"BAD {exc}")
 
@@ -183,22 +186,26 @@ def validate_shard(path: Path, manifest: Manifest | None, tokens: SpecialTokens,
     if not path.is_file():
         return [f"{path.name}: a directory, not a shard file" + (" (listed in the manifest)" if manifest else "")]
     problems = []
+    info = next((s for s in manifest.shards if s.name == path.name), None) if manifest else None
     counts, lengths, clean, in_tar, tar_error = Counter(), [], True, 0, None
     try:
-        for position, raw in enumerate(read_shard(path)):
-            in_tar += 1
-            if raw["__key__"] != f"{position:06d}":
-                problems.append(f"{path.name}: key {raw['__key__']!r}: expected tar key {position:06d} (positions)")
+        for entry in shard_entries(path, info.samples if info else None):  # grouped as the stream groups them
+            if isinstance(entry, Stray):
+                problems.append(f"{path.name}: {entry}")
+                continue
+            position, in_tar = in_tar, in_tar + 1
+            if entry["__key__"] != f"{position:06d}":
+                problems.append(f"{path.name}: key {entry['__key__']!r}: expected tar key {position:06d} (positions)")
             try:
-                sample = decode_sample(raw, tokens, audio)
+                sample = decode_sample(entry, tokens, audio)
             except ShardError as exc:
                 problems.append(str(exc))
                 clean = False
                 continue
             if sample.key in seen_keys:
-                problems.append(f"{path.name}: key {raw['__key__']!r}: sample key {sample.key!r} also in "
+                problems.append(f"{path.name}: key {entry['__key__']!r}: sample key {sample.key!r} also in "
                                 f"{seen_keys[sample.key]}")
-            seen_keys[sample.key] = f"{path.name} key {raw['__key__']!r}"
+            seen_keys[sample.key] = f"{path.name} key {entry['__key__']!r}"
             sample_count = sample_counts(sample, tokens, audio)
             counts.update(sample_count)
             lengths.append(sample_count["expanded_tokens"])
@@ -213,7 +220,6 @@ def validate_shard(path: Path, manifest: Manifest | None, tokens: SpecialTokens,
         clean = False
     elif tar_error is not None:
         problems.append(tar_error)
-    info = next((s for s in manifest.shards if s.name == path.name), None) if manifest else None
     if manifest is not None and info is None:
         problems.append(f"{path.name}: not listed in {manifest.path}")
     if info is None:
