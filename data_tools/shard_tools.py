@@ -27,11 +27,13 @@ from higgs_ds.data.collator import Collator
 from higgs_ds.data.masking import mask_stats, masking_rows, table
 from higgs_ds.data.sample import TokenizedSample
 from higgs_ds.data.batch import IGNORE
-from higgs_ds.data.shards import (COUNTS, MANIFEST, Manifest, ShardError, atomic_write, decode_sample,
-                                  file_sha256, read_shard, sample_counts, tar_problem)
+from higgs_ds.data.shards import (COUNTS, MANIFEST, Manifest, ShardError, Stray, atomic_write, decode_sample,
+                                  file_sha256, sample_counts, shard_entries, tar_problem)
 from higgs_ds.data.tokens import AudioSettings, SpecialTokens
 
-from data_tools.build_shards import _prog, load_model_config, load_tokenizer as _load_tokenizer, special_tokens
+from higgs_ds.vocabulary import load_tokenizer, load_vocabulary
+
+from data_tools.cli import HelpFormatter, UsageError, prog, reports_errors
 
 LEARNABLE = ("⟦", "⟧")
 
@@ -41,11 +43,11 @@ def find_shards(target: Path) -> list[tuple[Manifest | ShardError | None, list[P
     is None for a shard with no manifest beside it, or the ShardError of a manifest that cannot be read (a split
     dir's shards are then unknown: no paths)."""
     if not target.exists():
-        raise SystemExit(f"{target}: no such file or directory")
+        raise UsageError(f"{target}: no such file or directory")
     if target.is_dir():
         splits = [target] if (target / MANIFEST).exists() else sorted(p.parent for p in target.glob(f"*/{MANIFEST}"))
         if not splits:
-            raise SystemExit(f"{target}: no {MANIFEST} here or in its subdirectories")
+            raise UsageError(f"{target}: no {MANIFEST} here or in its subdirectories")
         groups: list[tuple[Manifest | ShardError | None, list[Path]]] = []
         for split in splits:
             try:
@@ -67,18 +69,12 @@ def settings(manifest: Manifest | None, args, where: Path) -> tuple[SpecialToken
     """From --model-config (+ --tokenizer for the token ids) if given, else from the manifest."""
     if args.model_config is not None:
         if args.tokenizer is None:
-            raise SystemExit("--model-config needs --tokenizer (special token ids)")
-        tokenizer = load_tokenizer(args.tokenizer)
-        config = load_model_config(args.model_config, tokenizer)
-        return special_tokens(tokenizer, args.tokenizer, config.pad_token_id), config.audio
+            raise UsageError("--model-config needs --tokenizer (special token ids)")
+        vocabulary = load_vocabulary(args.tokenizer, args.model_config)
+        return vocabulary.tokens, vocabulary.model_config.audio
     if manifest is None:
-        raise SystemExit(f"{where}: no {MANIFEST} beside it; pass --tokenizer and --model-config")
+        raise UsageError(f"{where}: no {MANIFEST} beside it; pass --tokenizer and --model-config")
     return manifest.tokens, manifest.audio
-
-
-def load_tokenizer(directory: str | None):
-    """None without --tokenizer; a directory that does not load ends the command with one line naming it."""
-    return None if directory is None else _load_tokenizer(directory)
 
 
 # -------------------------------------------------------------------------------------------------- inspect
@@ -123,20 +119,23 @@ def save_batch(batch, path: Path) -> None:
         np.savez(buffer, sample_keys=np.array(batch.sample_keys), **{k: v.numpy() for k, v in tensors.items()})
         atomic_write(path, buffer.getvalue())
     else:
-        raise SystemExit(f"--dump-batch {path}: use a .npz or .safetensors file name")
+        raise UsageError(f"--dump-batch {path}: use a .npz or .safetensors file name")
 
 
 def readable_samples(paths: list[Path], tokens: SpecialTokens, audio: AudioSettings):
     """(shard path, tar key, sample) for every sample that decodes; the others are printed as BAD lines."""
     for path in paths:
         try:
-            for raw in read_shard(path):
+            for entry in shard_entries(path):
+                if isinstance(entry, Stray):
+                    print(f"BAD {path.name}: {entry}")
+                    continue
                 try:
-                    sample = decode_sample(raw, tokens, audio)
+                    sample = decode_sample(entry, tokens, audio)
                 except ShardError as exc:
                     print(f"BAD {exc}")
                     continue
-                yield path, raw["__key__"], sample
+                yield path, entry["__key__"], sample
         except ShardError as exc:
             print(f"BAD {exc}")
 
@@ -145,9 +144,9 @@ def inspect(args) -> int:
     groups = find_shards(args.target)
     for manifest, _ in groups:
         if isinstance(manifest, ShardError):
-            raise SystemExit(str(manifest))
+            raise UsageError(str(manifest))
     tokens, audio = settings(groups[0][0], args, args.target)
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer is not None else None  # decodes the text
     chosen: list[TokenizedSample] = []
     stats: Counter = Counter()
     read = 0
@@ -163,7 +162,7 @@ def inspect(args) -> int:
         if read >= args.max_samples and len(chosen) >= args.batch_size:
             break
     if not chosen:
-        raise SystemExit(f"{args.target}: no sample {args.key!r}" if args.key else f"{args.target}: no readable sample")
+        raise UsageError(f"{args.target}: no sample {args.key!r}" if args.key else f"{args.target}: no readable sample")
     print(render(chosen[0], tokens, audio, tokenizer))
     print(f"\nmasking over {read} samples (learnable audio = labels: codebooks × (T + 1) per trained segment)")
     print(table(("role", "modality", "positions", "learnable"), masking_rows(stats), right=(2, 3)))
@@ -183,22 +182,26 @@ def validate_shard(path: Path, manifest: Manifest | None, tokens: SpecialTokens,
     if not path.is_file():
         return [f"{path.name}: a directory, not a shard file" + (" (listed in the manifest)" if manifest else "")]
     problems = []
+    info = next((s for s in manifest.shards if s.name == path.name), None) if manifest else None
     counts, lengths, clean, in_tar, tar_error = Counter(), [], True, 0, None
     try:
-        for position, raw in enumerate(read_shard(path)):
-            in_tar += 1
-            if raw["__key__"] != f"{position:06d}":
-                problems.append(f"{path.name}: key {raw['__key__']!r}: expected tar key {position:06d} (positions)")
+        for entry in shard_entries(path, info.samples if info else None):  # grouped as the stream groups them
+            if isinstance(entry, Stray):
+                problems.append(f"{path.name}: {entry}")
+                continue
+            position, in_tar = in_tar, in_tar + 1
+            if entry["__key__"] != f"{position:06d}":
+                problems.append(f"{path.name}: key {entry['__key__']!r}: expected tar key {position:06d} (positions)")
             try:
-                sample = decode_sample(raw, tokens, audio)
+                sample = decode_sample(entry, tokens, audio)
             except ShardError as exc:
                 problems.append(str(exc))
                 clean = False
                 continue
             if sample.key in seen_keys:
-                problems.append(f"{path.name}: key {raw['__key__']!r}: sample key {sample.key!r} also in "
+                problems.append(f"{path.name}: key {entry['__key__']!r}: sample key {sample.key!r} also in "
                                 f"{seen_keys[sample.key]}")
-            seen_keys[sample.key] = f"{path.name} key {raw['__key__']!r}"
+            seen_keys[sample.key] = f"{path.name} key {entry['__key__']!r}"
             sample_count = sample_counts(sample, tokens, audio)
             counts.update(sample_count)
             lengths.append(sample_count["expanded_tokens"])
@@ -213,7 +216,6 @@ def validate_shard(path: Path, manifest: Manifest | None, tokens: SpecialTokens,
         clean = False
     elif tar_error is not None:
         problems.append(tar_error)
-    info = next((s for s in manifest.shards if s.name == path.name), None) if manifest else None
     if manifest is not None and info is None:
         problems.append(f"{path.name}: not listed in {manifest.path}")
     if info is None:
@@ -264,27 +266,34 @@ def validate(args) -> int:
     return 1 if problems else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=_prog("higgs-shards", "python -m data_tools.shard_tools"),
-                                description=__doc__.split("\n\n")[0])
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog("higgs-shards", "python -m data_tools.shard_tools"),
+                                description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     what = {"inspect": "render one sample with its learnable spans marked ⟦…⟧ and its audio segments, the masking "
                        "statistics per role and modality, and optionally dump the collated batch",
             "validate": "read every shard completely and report every problem by shard and key (tar integrity, "
                         "schema, codes, placeholders, the manifest); exit 1 if anything is bad"}
     for name in ("inspect", "validate"):
-        cmd = sub.add_parser(name, help=what[name], description=what[name])
+        cmd = sub.add_parser(name, help=what[name], description=what[name], formatter_class=HelpFormatter)
         if name == "inspect":
             cmd.add_argument("target", type=Path, help="a shard, a split directory or a build directory")
             cmd.add_argument("--key", help="sample key or tar key to show (default: the first sample)")
             cmd.add_argument("--max-samples", type=int, default=1000, help="samples the statistics cover")
-            cmd.add_argument("--dump-batch", type=Path, help="write the collated batch to this .npz/.safetensors")
+            cmd.add_argument("--dump-batch", type=Path, help="write the collated batch to this .npz/.safetensors "
+                                                             "(default: no dump)")
             cmd.add_argument("--batch-size", type=int, default=1, help="samples in the dumped batch")
         else:
             cmd.add_argument("targets", type=Path, nargs="+", help="split/build directories or shard files")
         cmd.add_argument("--tokenizer", help="tokenizer directory (decodes text; with --model-config: settings)")
-        cmd.add_argument("--model-config", help="model config directory or config.json")
-    args = p.parse_args(argv)
+        cmd.add_argument("--model-config", help="model config directory or config.json (default: the settings in "
+                                                "the manifest beside the shards)")
+    return p
+
+
+@reports_errors
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.command == "inspect":
         return inspect(args)
     return validate(args)

@@ -3,6 +3,7 @@ unexpected per-sample exceptions become bad samples, unknown roles are kept and 
 damaged inputs as BAD lines."""
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import signal
@@ -16,6 +17,7 @@ from numpy.lib import format as npy_format
 
 import processes
 from data_tools import build_shards, shard_tools
+from data_tools.build import pool, samples as worker, writing
 from higgs_ds.data.shards import Manifest, SplitWriter, decode_sample, read_shard
 from test_shards import ROOT, TINY_TOKENIZER, build, make_corpus, model_config
 
@@ -94,10 +96,10 @@ def test_refuses_a_non_empty_or_non_directory_out(corpus, tmp_path):
     before = snapshot(tmp_path)
     with pytest.raises(SystemExit) as exc:
         build(corpus, tmp_path / "full")
-    assert exc.value.code == f"--out {tmp_path / 'full'}: exists and is not empty; refusing to mix builds"
+    assert exc.value.code == f"error: --out {tmp_path / 'full'}: exists and is not empty; refusing to mix builds"
     with pytest.raises(SystemExit) as exc:
         build(corpus, tmp_path / "file")
-    assert exc.value.code == f"--out {tmp_path / 'file'}: exists and is not a directory"
+    assert exc.value.code == f"error: --out {tmp_path / 'file'}: exists and is not a directory"
     assert snapshot(tmp_path) == before
 
 
@@ -147,7 +149,7 @@ def test_disk_error_is_one_line_and_leaves_nothing(corpus, tmp_path, monkeypatch
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_interrupted_build_leaves_nothing(corpus, tmp_path, monkeypatch, capsys, how):
-    process, calls = build_shards.process_line, []
+    process, calls = pool.process_line, []
 
     def interrupted(job):
         calls.append(job)
@@ -159,7 +161,7 @@ def test_interrupted_build_leaves_nothing(corpus, tmp_path, monkeypatch, capsys,
             signal.raise_signal(signal.SIGTERM)  # the builder's handler turns it into the same clean-up
         return process(job)
 
-    monkeypatch.setattr(build_shards, "process_line", interrupted)
+    monkeypatch.setattr(pool, "process_line", interrupted)
     before = snapshot(tmp_path)
     code = build(corpus, tmp_path / "out", "--shard-samples", "1", "--workers", "1")
     err = capsys.readouterr().err
@@ -189,12 +191,12 @@ def test_errors_are_not_glued_to_the_bar(corpus, tmp_path, capsys):
 
 
 def test_many_skipped_samples_are_summarised(corpus, tmp_path, capsys):
-    jsonl = with_lines(corpus, *(["{broken"] * (build_shards.SHOWN_ERRORS + 5)))
+    jsonl = with_lines(corpus, *(["{broken"] * (writing.SHOWN_ERRORS + 5)))
     assert build(jsonl, tmp_path / "out", "--on-error", "skip") == 0
     lines = err_lines(capsys.readouterr().err)
-    assert sum(line.startswith("skipped: line ") for line in lines) == build_shards.SHOWN_ERRORS
+    assert sum(line.startswith("skipped: line ") for line in lines) == writing.SHOWN_ERRORS
     assert lines.count("skipped: more bad samples, not shown; errors.jsonl lists them all") == 1
-    assert len((tmp_path / "out" / "errors.jsonl").read_text().splitlines()) == build_shards.SHOWN_ERRORS + 5
+    assert len((tmp_path / "out" / "errors.jsonl").read_text().splitlines()) == writing.SHOWN_ERRORS + 5
 
 
 # -------------------------------------------------------------------------- 3. bad tool arguments: one line each
@@ -224,7 +226,7 @@ def test_bad_tokenizer_is_one_line(corpus, tmp_path, tokenizer):
         message = exc.value.code
         assert isinstance(message, str) and "\n" not in message
         pattern = re.escape(why) if "(expected" in why else why
-        assert re.fullmatch(re.escape(f"--tokenizer {directory}: ") + pattern, message), message
+        assert re.fullmatch(re.escape(f"error: --tokenizer {directory}: ") + pattern, message), message
     assert not (tmp_path / "out").exists()
 
 
@@ -264,7 +266,7 @@ def test_bad_model_config_is_one_line(corpus, tmp_path, tokenizer):
         with pytest.raises(SystemExit) as exc:
             build_shards.main([str(corpus), "--tokenizer", str(TINY_TOKENIZER), "--model-config", str(source),
                                "--out", str(tmp_path / "out")])
-        assert exc.value.code == message
+        assert exc.value.code == f"error: {message}"
     assert not (tmp_path / "out").exists()
 
 
@@ -289,7 +291,7 @@ def test_bad_codec_is_one_line(corpus, tmp_path):
     for directory, why in cases.items():
         with pytest.raises(SystemExit) as exc:
             build(corpus, tmp_path / "out", "--codec", str(directory))
-        assert exc.value.code == f"--codec {directory}: {why}"
+        assert exc.value.code == f"error: --codec {directory}: {why}"
     assert not (tmp_path / "out").exists()
 
 
@@ -305,9 +307,10 @@ def test_cli_errors_have_no_traceback(corpus, tmp_path):
                            (broken, "cannot load a tokenizer (Exception: key must be a string at line 1 column 2)")):
         run = run_cli("data_tools.build_shards", str(corpus), "--tokenizer", str(tokenizer), "--model-config",
                       config, "--out", str(tmp_path / "out"))
-        assert (run.returncode, run.stderr) == (1, f"--tokenizer {tokenizer}: {why}\n")
+        assert (run.returncode, run.stderr) == (1, f"error: --tokenizer {tokenizer}: {why}\n")
     run = run_cli("data_tools.shard_tools", "validate", str(tmp_path / "nowhere"))
-    assert (run.returncode, run.stderr, run.stdout) == (1, f"{tmp_path / 'nowhere'}: no such file or directory\n", "")
+    assert (run.returncode, run.stderr, run.stdout) == (1, f"error: {tmp_path / 'nowhere'}: no such file or "
+                                                           "directory\n", "")
 
 
 @pytest.fixture
@@ -324,7 +327,7 @@ def test_validate_missing_path_is_one_line(shards, capsys):
     for command in ("validate", "inspect"):
         with pytest.raises(SystemExit) as exc:
             shard_tools.main([command, str(shards / "nowhere")])
-        assert exc.value.code == f"{shards / 'nowhere'}: no such file or directory"
+        assert exc.value.code == f"error: {shards / 'nowhere'}: no such file or directory"
 
 
 def test_shard_tools_bad_settings_are_one_line(shards, tmp_path):
@@ -340,7 +343,7 @@ def test_shard_tools_bad_settings_are_one_line(shards, tmp_path):
     for argv, message in cases:
         with pytest.raises(SystemExit) as exc:
             shard_tools.main(argv)
-        assert exc.value.code == message
+        assert exc.value.code == f"error: {message}"
 
 
 def test_validate_shard_that_is_a_directory(shards, capsys):
@@ -379,7 +382,7 @@ def test_validate_malformed_manifest_entry(shards, capsys, entry, why):
     assert out.splitlines()[-1] == "1 shards, 2 good samples, 1 problems", "the other split is still checked"
     with pytest.raises(SystemExit) as exc:  # inspect cannot go on without the manifest
         shard_tools.main(["inspect", str(shards / "train")])
-    assert exc.value.code == f"{path}: shards[1]{name}: {why}"
+    assert exc.value.code == f"error: {path}: shards[1]{name}: {why}"
 
 
 def test_validate_tells_corrupt_from_truncated(shards, capsys):
@@ -459,6 +462,23 @@ def test_on_error_has_help(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert re.search(r"--on-error \{fail,skip\} what a bad sample does: 'fail' \(default\) stops the build .* "
                      r"'skip' leaves it out, lists it in OUT/errors\.jsonl", text), text
+
+
+def test_every_option_says_what_it_does_and_its_default():
+    """Every option of higgs-build-shards and of each higgs-shards subcommand has help, and the help of one with a
+    default (not None) shows that default."""
+    tools = shard_tools.parser()
+    commands = next(a for a in tools._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for parser in (build_shards.parser(), tools, *commands.values()):
+        entries = [" ".join(entry.split()) for entry in re.split(r"\n(?=  \S)", parser.format_help())]
+        for action in parser._actions:
+            if not action.option_strings or isinstance(action, argparse._HelpAction):
+                continue
+            entry = next(e for e in entries if e.split()[0].rstrip(",") in action.option_strings)
+            assert action.help, f"{parser.prog} {action.option_strings[0]} has no help"
+            if action.default is not None:
+                shown = (f"(default: {action.default})", f"'{action.default}' (default)")
+                assert any(text in entry for text in shown), f"{parser.prog}: {entry}"
 
 
 def test_inspect_table_is_aligned_without_tokenizer(shards, capsys):
@@ -549,12 +569,12 @@ def test_fail_names_hostile_samples(corpus, tmp_path, capsys, kind):
 def test_worker_that_cannot_start_fails_each_sample(tmp_path, tokens):
     from higgs_ds.data.tokens import AudioSettings
 
-    spec = build_shards.BuildSpec(tmp_path, str(tmp_path / "no_tokenizer"), None, tokens, AudioSettings())
-    build_shards.init_worker(spec)
+    spec = worker.BuildSpec(tmp_path, str(tmp_path / "no_tokenizer"), None, tokens, AudioSettings())
+    worker.init_worker(spec)
     try:
-        result = build_shards.process_line((4, "train", b'{"messages": []}'))
+        result = worker.process_line((4, "train", b'{"messages": []}'))
     finally:
-        build_shards._worker.clear()
+        worker._worker.clear()
     assert result.sample is None
     assert re.fullmatch(r"line 4: the worker process could not start \(OSError: .+\)", result.error), result.error
 

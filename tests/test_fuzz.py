@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -16,9 +17,10 @@ import pytest
 from higgs_ds.data.chatml import sample_from_chatml
 from higgs_ds.data.collator import Collator
 from higgs_ds.data.sample import SampleError, TokenizedSample
+from higgs_ds.data.shards import FIELDS, Manifest
 from higgs_ds.data.stream import ShardLoader
 from higgs_ds.data.tokens import AudioSettings
-from test_stream import assert_accounting, make_samples, write_split
+from test_stream import assert_accounting, make_samples, rewrite_members, write_split
 
 AUDIO = AudioSettings()
 TEXTS = ["hello", "", " ", "<|AUDIO|>", "<|AUDIO_OUT|>", "<|eot_id|>", "\ud800", "\udfff x", "é" * 50, "\x00",
@@ -172,3 +174,106 @@ def test_fuzzed_shards_stream_with_exact_accounting(tmp_path, tokenizer, tokens)
             counts.append(len(batches))
         assert counts[0] == counts[1]
         shutil.rmtree(split)
+
+
+def validate_summary(split: Path, capsys) -> tuple[int, list[str]]:
+    """`higgs-shards validate` on a split: (good samples, BAD lines)."""
+    from data_tools.shard_tools import main as shard_tools
+
+    shard_tools(["validate", str(split)])
+    lines = capsys.readouterr().out.splitlines()
+    good = int(re.fullmatch(r"\d+ shards, (\d+) good samples, \d+ problems", lines[-1])[1])
+    return good, [line for line in lines if line.startswith("BAD ")]
+
+
+def stream_all(split: Path, tokens, world_size: int = 1) -> tuple[list[str], dict[str, int]]:
+    """Every rank's one epoch, in-process: (delivered sample keys, summed counters)."""
+    collator = Collator(tokens, AUDIO)
+    keys, total = [], {}
+    for rank in range(world_size):
+        loader = ShardLoader(split, collator, rank=rank, world_size=world_size, num_workers=0, seed=1, batch_size=2,
+                             num_epochs=1)
+        keys += [k for b in loader for k in b.sample_keys if k != "<blank>"]
+        stats = loader.stats()
+        assert_accounting(stats)
+        total = {k: total.get(k, 0) + v for k, v in stats.items()}
+    return keys, total
+
+
+def plant(members: list, strays: list[tuple[int, str]]) -> list:
+    """`members` with a stray member (name, 7 junk bytes) inserted before each given member index."""
+    out = list(members)
+    for index, name in sorted(strays, reverse=True):
+        out.insert(index, (name, b"stray\x00\x01"))
+    return out
+
+
+def random_strays(rng: random.Random, members: list, samples: int) -> list[tuple[int, str]]:
+    """1-4 strays at distinct member indices (never after the last member: the stream stops reading a shard at its
+    last wanted sample), each with a key of its own that neither neighbour has: a sample position or not."""
+    strays, used = [], set()
+    for index in rng.sample(range(len(members)), rng.randint(1, 4)):
+        neighbours = {members[i][0].split(".")[0] for i in (index - 1, index) if 0 <= i < len(members)}
+        choices = [f"{p:06d}" for p in range(samples)] + ["zzz", "²", f"{samples:06d}", "-00001", "notes"]
+        key = rng.choice([k for k in choices if k not in neighbours | used])
+        used.add(key)
+        strays.append((index, key if key == "notes" else f"{key}.{rng.choice(FIELDS + ('extra.bin',))}"))
+    return strays
+
+
+def test_stray_members_cost_only_themselves(tmp_path, tokenizer, tokens, capsys):
+    """Members that belong to no sample, planted anywhere in a shard (the issue's case first: a member with a later
+    sample's key between the members of sample 1), are each one stray; every sample arrives, in the stream and in
+    `validate` alike."""
+    samples = make_samples(20, tokenizer, tokens, seed=5)
+    clean = write_split(tmp_path / "clean", samples, (20,), tokenizer, tokens)
+    with tarfile.open(clean / "train-000000.tar") as tar:
+        members = [(m.name, b"") for m in tar.getmembers()]
+    assert members[5][0] == "000001.audio_codes.npy"  # 5 members per sample
+    rng = random.Random(5)
+    cases = [[(7, "000005.meta.json")]] + [random_strays(rng, members, 20) for _ in range(40)]
+    for n, strays in enumerate(cases):
+        split = shutil.copytree(clean, tmp_path / f"case{n}")
+        rewrite_members(split / "train-000000.tar", lambda m: plant(m, strays))
+        keys, total = stream_all(split, tokens)
+        assert sorted(keys) == sorted(s.key for s in samples), strays
+        assert (total["stray_members"], total["corrupt_samples"], total["missing_samples"]) == (len(strays), 0, 0)
+        resized = (split / "train-000000.tar").stat().st_size != Manifest.load(split).shards[0].bytes
+        assert total["bad_shards"] == resized, "a shard of another size than the manifest's is one bad shard"
+        good, bad = validate_summary(split, capsys)
+        assert good == len(keys) == 20
+        assert len(bad) == len(strays) + 1 and sum("changed since the build" in line for line in bad) == 1, bad
+        shutil.rmtree(split)
+
+
+def damage_shard(path: Path, how: str) -> int:
+    """Damages a 10-sample shard one way; returns how many of its samples can still be read."""
+    data = path.read_bytes()
+    path.unlink()
+    if how == "truncated":  # inside the data of sample 3's first member
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            member = tar.getmembers()[15]
+        path.write_bytes(data[:member.offset_data + 10])
+        return 3
+    if how == "garbage":
+        path.write_bytes(random.Random(0).randbytes(len(data) // 2))
+        return 0
+    assert how == "directory"
+    path.mkdir()
+    return 0
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "directory"])
+@pytest.mark.parametrize("world_size", [1, 4])
+def test_a_bad_shard_is_counted_once(tmp_path, tokenizer, tokens, capsys, how, world_size):
+    """A truncated, garbage or directory shard adds exactly 1 to bad_shards in an epoch, however many slots read it
+    (on 4 ranks each shard is split between two); its unreadable samples are missing, the rest arrive, as many as
+    `validate` calls good."""
+    samples = make_samples(20, tokenizer, tokens, seed=6)
+    split = write_split(tmp_path / "split", samples, (10, 10), tokenizer, tokens)
+    readable = damage_shard(split / "train-000001.tar", how)
+    keys, total = stream_all(split, tokens, world_size)
+    assert sorted(keys) == sorted(s.key for s in samples[:10 + readable])
+    assert (total["bad_shards"], total["missing_samples"], total["corrupt_samples"]) == (1, 10 - readable, 0)
+    good, _ = validate_summary(split, capsys)
+    assert good == len(keys)

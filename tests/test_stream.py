@@ -402,13 +402,14 @@ DAMAGE = {
     # its last wanted sample: strays past that point go unseen; `shard_tools validate` reads everything.)
     "stray keys": lambda m: [("².input_ids.npy", b"x"), ("zzz.meta.json", b"{}")] + m[:5] + [
         ("000099.meta.json", b"{}")] + m[5:],
-    # A repeated sample: the second copy is a stray.
+    # A repeated sample: the second copy's five members are strays.
     "repeated key": lambda m: (lambda g: g["000000"] + g["000001"] + g["000002"] + g["000001"] + [
         x for k, v in g.items() if k not in ("000000", "000001", "000002") for x in v])(by_sample(m)),
     # A meta.json nested deeper than json can parse: that sample is corrupt.
     "deep meta.json": lambda m: [(n, b"[" * 100000 + b"]" * 100000 if n == "000001.meta.json" else d)
                                  for n, d in m],
-    # A field of an unknown name beside a good sample, and one sample missing a field.
+    # A field of an unknown name (a stray) at the end, and one sample missing a field: its slot reads to the tar's
+    # end, where the sample is known to be incomplete, and meets the stray on the way.
     "unknown field": lambda m: [(n, d) for n, d in m if n != "000002.label_ids.npy"] + [("000001.extra.bin", b"?")],
 }
 
@@ -430,7 +431,7 @@ def test_tar_member_damage_is_counted_exactly(tmp_path, samples, tokenizer, toke
     assert total["planned_samples"] == 24 and total["dropped_samples"] == 0
     lost = {"out of order": 0, "stray keys": 0, "repeated key": 0, "deep meta.json": 1, "unknown field": 1}[damage]
     assert total["corrupt_samples"] == lost and total["missing_samples"] == 0
-    assert total["stray_members"] == {"stray keys": 3, "repeated key": 1}.get(damage, 0)
+    assert total["stray_members"] == {"stray keys": 3, "repeated key": 5, "unknown field": 1}.get(damage, 0)
     assert len(seen) == len(set(seen)) == 24 - lost and len(keys_in_shard - set(seen)) == lost
 
 

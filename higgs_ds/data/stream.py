@@ -2,11 +2,11 @@
 
 Every epoch has a plan (plan.py): each rank × DataLoader-worker slot reads a contiguous piece of the epoch's
 shard order, shuffled through a buffer and cut into batches, and every slot yields the same number of batches.
-Workers read their pieces (webdataset's tar reader) and emit exactly the planned batches. A corrupt or missing
-sample leaves its batch one sample short; a batch left with no good sample becomes a blank batch (one pad token,
-no labels: it adds nothing to the loss) so that every rank still takes the same number of steps. Problems travel
-with the batches to the main process, where `stats()` counts them and they are logged. Per rank and epoch the
-counts add up: planned = seen + corrupt + missing + dropped + too_long.
+Workers read their pieces (`shard_entries`: tar members grouped into samples) and emit exactly the planned
+batches. A corrupt or missing sample leaves its batch one sample short; a batch left with no good sample becomes a
+blank batch (one pad token, no labels: it adds nothing to the loss) so that every rank still takes the same number
+of steps. Problems travel with the batches to the main process, where `stats()` counts them and they are logged.
+Per rank and epoch the counts add up: planned = seen + corrupt + missing + dropped + too_long.
 
 DataLoader takes batch j of a rank from worker j mod W, so the number of batches delivered is the whole
 position: resuming at k, worker i plays slot (i + k) mod W and skips that slot's batches before k.
@@ -29,7 +29,7 @@ from .batch import IGNORE, Batch
 from .packing import ceil_div
 from .plan import AgreeMin, Budget, EpochPlan, Piece, ShardLengths, SlotPlan, plan_epoch
 from .sample import TokenizedSample
-from .shards import Manifest, ShardError, check_fingerprint, decode_sample, is_remote, read_shard
+from .shards import Manifest, ShardError, Stray, check_fingerprint, decode_sample, is_remote, shard_entries, tar_problem
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,8 @@ class _SplitFiles:
 class SlotReader:
     """One slot's planned batches from batch `first` on. Reads the slot's pieces in order, decodes the samples it
     wants, and emits each batch once every sample of it is resolved: arrived, corrupt, or missing when its piece
-    ended. Tar members may come in any order; a member whose key is not a sample position of the shard (or
-    repeats one) is a stray, counted apart from the samples."""
+    ended. Tar members are grouped into samples by `shard_entries` (the grouping `shard_tools validate` uses);
+    members that belong to no sample are strays, counted apart from the samples."""
 
     def __init__(self, files: _SplitFiles, collator, slot: SlotPlan, first: int):
         self.files, self.collator, self.slot = files, collator, slot
@@ -120,30 +120,27 @@ class SlotReader:
         files, report = self.files, self.report
         path, info = files.paths[piece.shard], files.infos[piece.shard]
         offset = int(files.lengths.offsets[piece.shard])
-        if not is_remote(path) and path.exists() and path.stat().st_size != info.bytes:
-            report.add("bad_shards", 1, f"{info.name}: {path.stat().st_size} bytes on disk, manifest says "
-                                        f"{info.bytes} (truncated or replaced)")
-        keys_read: set[int] = set()
+        # Every slot reading a shard meets its problems; the slot whose piece starts the shard reports them, once.
+        first = piece.start == 0
+        counted = first and self._check_shard(path, info)
+        failed = None
         try:
-            for raw in read_shard(path):
-                key = raw["__key__"]
-                pos = int(key) if key.isascii() and key.isdigit() else -1
-                if not 0 <= pos < info.samples or pos in keys_read:
-                    if piece.start == 0:  # every slot reading this shard passes them: its first slot reports them
-                        why = "repeats a key" if pos in keys_read else f"is no sample position (0..{info.samples - 1})"
-                        report.add("stray_members", 1, f"{info.name}: tar key {key[:40]!r} {why}; ignored")
+            for entry in shard_entries(path, info.samples):
+                if isinstance(entry, Stray):
+                    if first:
+                        report.add("stray_members", len(entry.names), f"{info.name}: {entry}")
                     continue
-                keys_read.add(pos)
+                pos = int(entry["__key__"])
                 sid = offset + pos
                 if sid not in todo:  # another slot's sample
                     continue
                 todo.discard(sid)
                 try:
-                    sample = decode_sample(raw, files.tokens, files.audio, files.vocab_size)
+                    sample = decode_sample(entry, files.tokens, files.audio, files.vocab_size)
                     length = sample.num_expanded_tokens(files.audio)
                     if length != files.lengths.of(piece.shard)[pos]:
-                        raise ShardError(f"{info.name}: key {key!r}: {length} expanded tokens, the lengths "
-                                         f"sidecar says {files.lengths.of(piece.shard)[pos]}")
+                        raise ShardError(f"{info.name}: key {entry['__key__']!r}: {length} expanded tokens, the "
+                                         f"lengths sidecar says {files.lengths.of(piece.shard)[pos]}")
                     self.got[sid] = sample
                 except ShardError as exc:
                     report.add("corrupt_samples", 1, str(exc))
@@ -152,13 +149,36 @@ class SlotReader:
                 if not todo:  # the rest of the shard belongs to other slots
                     break
         except (ShardError, OSError) as exc:
-            report.add("bad_shards", 1, str(exc))
+            failed = str(exc)
+            if first and not counted:
+                report.add("bad_shards", 1, failed)
         if todo:
+            why = failed if failed is not None else "the tar ends before them"
             report.add("missing_samples", len(todo), f"{info.name}: {len(todo)} planned samples never arrived "
-                                                     "(truncated or damaged tar)")
+                                                     f"({why})")
             for sid in todo:
                 self._resolve(sid)
         yield from self._flush()
+
+    def _check_shard(self, path, info) -> bool:
+        """Counts a local shard that is not the file the manifest describes (missing, a directory, another size) as
+        one bad shard; True when it did. Cheap: a stat. A shard damaged in place (same size) or a remote one is
+        counted when this slot's reading meets the damage."""
+        if is_remote(path):
+            return False
+        try:
+            if not path.is_file():
+                problem = "a directory, not a shard file" if path.is_dir() else "missing"
+            elif path.stat().st_size != info.bytes:
+                problem = (f"{path.stat().st_size} bytes on disk, manifest says {info.bytes} "
+                           f"({tar_problem(path) or 'replaced'})")
+            else:
+                problem = None
+        except OSError as exc:
+            problem = f"unreadable ({exc})"
+        if problem is not None:
+            self.report.add("bad_shards", 1, f"{info.name}: {problem}")
+        return problem is not None
 
 
 class _RankEpoch(IterableDataset):

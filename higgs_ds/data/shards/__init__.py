@@ -15,11 +15,12 @@ name and renamed, so a crash never leaves a half-written file under a final name
 """
 from .manifest import COUNTS, FORMAT, MANIFEST, Manifest, ShardInfo, check_fingerprint, data_fingerprint
 from .sample_codec import FIELDS, ShardError, decode_sample, encode_sample, sample_counts
-from .tar_reader import read_shard, tar_complete, tar_problem
+from .tar_reader import Stray, read_shard, shard_entries, tar_complete, tar_problem
 from .files import atomic_write, file_sha256
 from .location import FetchError, is_remote
 from .writer import SplitWriter
 
 __all__ = ["COUNTS", "FIELDS", "FORMAT", "FetchError", "MANIFEST", "Manifest", "ShardError", "ShardInfo",
-           "SplitWriter", "atomic_write", "check_fingerprint", "data_fingerprint", "decode_sample", "encode_sample",
-           "file_sha256", "is_remote", "read_shard", "sample_counts", "tar_complete", "tar_problem"]
+           "SplitWriter", "Stray", "atomic_write", "check_fingerprint", "data_fingerprint", "decode_sample",
+           "encode_sample", "file_sha256", "is_remote", "read_shard", "sample_counts", "shard_entries",
+           "tar_complete", "tar_problem"]

@@ -1,29 +1,46 @@
-"""Reading shard tars: raw samples grouped by webdataset, and a check of the tar's block structure."""
+"""Reading shard tars: tar members grouped into raw samples (the one grouping the stream and `shard_tools validate`
+share), and a check of the tar's block structure."""
 from __future__ import annotations
 
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import tar_file_iterator
 
 from ..packing import round_up
 from .location import FetchError, is_remote, name_of, open_stream
-from .sample_codec import ShardError
+from .sample_codec import FIELDS, ShardError
 
 BLOCK = tarfile.BLOCKSIZE
+_WRITTEN = tuple(sorted(FIELDS))  # webdataset's TarWriter writes a sample's fields in sorted order
 
 
-def read_shard(path: str | Path) -> Iterator[dict[str, Any]]:  # a local path or a URL (location.py)
-    """Raw samples of one shard in tar order, grouped by webdataset. A tar-level error (a file that ends inside a
-    member, a duplicate field, a file that is not a tar) raises ShardError after the samples read before it.
+@dataclass(frozen=True)
+class Stray:
+    """Tar members that belong to no sample: ignored; a reader counts them as len(names) stray members."""
+
+    names: tuple[str, ...]
+    why: str
+
+    def __str__(self) -> str:
+        shown = ", ".join(repr(name[:40]) for name in self.names[:3])
+        more = f" and {len(self.names) - 3} more" if len(self.names) > 3 else ""
+        return f"tar member{'s' if len(self.names) > 1 else ''} {shown}{more} {self.why}; ignored"
+
+
+def shard_entries(path: str | Path, samples: int | None = None) -> Iterator[dict[str, Any] | Stray]:
+    """A shard's raw samples ({"__key__", "__url__", field: bytes}) and `Stray`s, grouped by `group_members`;
+    `samples`: the manifest's count, which bounds the sample positions (None: any position). A tar-level error (a
+    file that ends inside a member, a file that is not a tar) raises ShardError after the entries read before it.
     Python's tar reader stops silently at a member boundary where the file is cut short or a header is
     overwritten, so such a tar reads as shorter: compare with the manifest; `tar_problem` says which it is."""
     remote, name = is_remote(path), name_of(path)
     try:
         with open_stream(path) as stream:
-            files = ({**f, "__url__": str(path)} for f in tar_file_iterator(stream))
-            yield from group_by_keys(files)
+            members = ((f["fname"], f["data"]) for f in tar_file_iterator(stream))
+            yield from group_members(members, str(path), samples)
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
         message = str(exc).split(" @ <")[0]  # webdataset appends the stream's repr
         if remote and isinstance(exc, OSError):  # the fetch itself failed (curl's retries included): stop the run
@@ -31,6 +48,78 @@ def read_shard(path: str | Path) -> Iterator[dict[str, Any]]:  # a local path or
         if isinstance(exc, tarfile.ReadError) and message == "unexpected end of data":
             raise ShardError(f"{name}: truncated tar (the file ends inside a member)") from exc
         raise ShardError(f"{name}: unreadable tar ({type(exc).__name__}: {message})") from exc
+
+
+def read_shard(path: str | Path, samples: int | None = None) -> Iterator[dict[str, Any]]:  # a path or a URL
+    """The raw samples of `shard_entries`, strays left out."""
+    return (entry for entry in shard_entries(path, samples) if not isinstance(entry, Stray))
+
+
+def group_members(members: Iterable[tuple[str, bytes]], url: str, samples: int | None) -> Iterator[dict | Stray]:
+    """Tar members (name, bytes) → raw samples, each sample position at most once, and strays.
+
+    The writer puts a sample's members together, fields in sorted order, under the tar key `{position:06d}`. A run
+    is consecutive members of one key in that order; a member planted inside a sample splits it into two runs,
+    which join again. A sample is yielded when it has every field and the run just read holds its last one, so
+    that a planted copy read earlier never completes it. Strays: members whose key is no sample position (below
+    `samples`) or whose field is no sample field; members of a sample already yielded; and the earlier of two
+    copies of a field (a copy planted before the real member; a whole run of every field replaces all that was
+    read of its key before). Incomplete samples are yielded at the end of the tar (they fail decoding: missing
+    fields); not after a tar error, which stops the reading. Only a copy planted right beside the sample's own
+    members can be taken for the real one."""
+    done: set[int] = set()
+    partial: dict[int, dict[str, Any]] = {}  # incomplete samples by position, in the order first seen
+    key, run = None, {}  # the current run: field → bytes, in tar order
+
+    def stray(names: list[str], why: str) -> Stray:
+        return Stray(tuple(names), why.format(s="s" if len(names) == 1 else "", are="is" if len(names) == 1 else
+                                              "are"))
+
+    def close(key: str, run: dict[str, bytes]) -> Iterator[dict | Stray]:
+        position = int(key) if key.isascii() and key.isdigit() else -1
+        if position < 0 or (samples is not None and position >= samples):
+            bound = f" (0..{samples - 1})" if samples is not None else ""
+            yield stray([_name(key, f) for f in run], f"name{{s}} no sample position{bound} as tar key")
+            return
+        unknown = [f for f in run if f not in FIELDS]
+        if unknown:
+            yield stray([_name(key, f) for f in unknown], f"{{are}} no sample field ({', '.join(FIELDS)})")
+            run = {f: data for f, data in run.items() if f in FIELDS}
+        if not run:
+            return
+        if position in done:
+            yield stray([_name(key, f) for f in run], f"repeat{{s}} sample {key!r}, already read")
+            return
+        sample = partial.pop(position, None)
+        if sample is not None:
+            replaced = [f for f in sample if not f.startswith("__") and (f in run or len(run) == len(FIELDS))]
+            if replaced:
+                yield stray([_name(key, f) for f in replaced], f"precede{{s}} another copy in sample {key!r}")
+        if sample is None or len(run) == len(FIELDS):
+            sample = {"__key__": key, "__url__": url}
+        sample.update(run)
+        if _WRITTEN[-1] in run and all(f in sample for f in FIELDS):
+            done.add(position)
+            yield sample
+        else:
+            partial[position] = sample
+
+    for name, data in members:
+        member_key, _, field = name.partition(".")
+        if run and (member_key != key or field <= list(run)[-1]):
+            yield from close(key, run)
+            run = {}
+        key, run[field] = member_key, data
+        if field == _WRITTEN[-1] and len(run) == len(FIELDS) and all(f in run for f in FIELDS):
+            yield from close(key, run)  # complete: delivered now, not when the next member arrives
+            run = {}
+    if run:
+        yield from close(key, run)
+    yield from partial.values()
+
+
+def _name(key: str, field: str) -> str:
+    return f"{key}.{field}" if field else key
 
 
 def tar_problem(path: str | Path) -> str | None:
