@@ -1,4 +1,4 @@
-"""Crash-safe DeepSpeed checkpoints (DESIGN §5): a tag counts only once it is marked complete.
+"""Crash-safe DeepSpeed checkpoints (docs/design.md §8): a tag counts only once it is marked complete.
 
     OUT/checkpoints/step00000100/      DeepSpeed's files (save_latest=False: no `latest` written in place)
                                        rank{r}.pt: that rank's stream state and RNG states (torch.load weights_only)
