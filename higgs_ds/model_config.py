@@ -3,7 +3,7 @@
 Both sides derive their settings from it: the data side its `AudioSettings` (`config.audio`), the model side its
 transformers `HiggsAudioV2Config` (`config.transformers_config()`). Neither parses config.json on its own.
 
-Layouts (DESIGN §1):
+Layouts (docs/design.md §2):
   boson: upstream HiggsAudioConfig: nested `text_config`, `audio_num_codebooks`, `audio_codebook_size` = codes per
          codebook (1024), `use_delay_pattern` (upstream's default when the key is absent: **False**), token ids
          `audio_in_token_idx`, `audio_out_token_idx`, `audio_out_bos_token_id`, `audio_eos_token_id`.

@@ -59,7 +59,7 @@ def audio_out(codes: torch.Tensor, labelled: bool = True) -> Piece:
 
 
 def delayed(codes: torch.Tensor, bos: int, eos: int, label: bool) -> torch.Tensor:
-    """[bos|codes|eos] (labels: [-100|codes|eos]) with codebook k shifted right by k (DESIGN §3)."""
+    """[bos|codes|eos] (labels: [-100|codes|eos]) with codebook k shifted right by k (docs/design.md §4)."""
     k_count, length = codes.shape
     first, last = (-100, eos) if label else (bos, eos)
     stream = torch.cat([torch.full((k_count, 1), first), codes, torch.full((k_count, 1), last)], dim=1)

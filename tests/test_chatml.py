@@ -1,4 +1,4 @@
-"""ChatML → tokens: one test per masking rule of DESIGN §2, and every rejection names the sample and field."""
+"""ChatML → tokens: one test per masking rule of docs/design.md §3; every rejection names the sample and field."""
 from __future__ import annotations
 
 import copy

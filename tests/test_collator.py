@@ -1,4 +1,4 @@
-"""Collator: audio streams and labels (DESIGN §3), expansion, padding and packing, validation."""
+"""Collator: audio streams and labels (docs/design.md §4), expansion, padding and packing, validation."""
 from __future__ import annotations
 
 import copy
@@ -40,7 +40,7 @@ def text_only(tokenizer, tokens, key="text") -> TokenizedSample:
 
 
 def test_delay_pattern_design_example(tokens):
-    """DESIGN §3: K=4, T=3, codes 10..21 (row-major)."""
+    """docs/design.md §4: K=4, T=3, codes 10..21 (row-major)."""
     audio = AudioSettings(num_codebooks=4)
     ids = np.array([tokens.audio_out_bos, tokens.audio_out, tokens.audio_eos], dtype=np.int32)
     sample = TokenizedSample("ex", ids, ids.copy(), [np.arange(10, 22).reshape(4, 3)])

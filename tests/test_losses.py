@@ -239,7 +239,7 @@ def test_a_batch_without_a_modality_logs_zero_not_nan():
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_forward_and_backward_leave_every_batch_tensor_untouched(checkpointing):
-    """DESIGN §7 "in-place label mutation": the model reads the batch and never writes to it."""
+    """docs/design.md §10 "in-place label mutation": the model reads the batch and never writes to it."""
     import dataclasses
 
     from model_helpers import mixed_packed_batch

@@ -99,7 +99,7 @@ def lockstep_batches(config):
 
 
 def test_every_module_runs_on_every_batch():
-    """ZeRO-3 lockstep (DESIGN §5): the same modules, the same number of times, whatever the modalities; and every
+    """ZeRO-3 lockstep (docs/design.md §6): the same modules, equally often, whatever the modalities; and every
     parameter takes part in backward (zero-row inputs give zero gradients, not missing ones)."""
     config = tiny_config()
     model = HiggsAudioForTraining(config)

@@ -20,7 +20,7 @@ An absent modality is a zero-size tensor ([K, 0]), never None, so every module r
 
   index            BatchIndex   every data-dependent index the model needs (routing order, shifted-target
                                 positions, audio frame positions, cu_seqlens), computed on the CPU when the Batch
-                                is made, so the model's forward+backward need no host sync (DESIGN §9)
+                                is made, so the model's forward+backward need no host sync (docs/design.md §4)
 `Batch.validate(...)` checks the whole contract on the CPU (tests, first steps, a debug flag); the model's forward
 checks only what costs nothing (shapes).
 """
@@ -43,7 +43,7 @@ class BatchIndex:
 
     Routing (DualFFN): the residual stream lives in *grouped* order, text rows (padding included) first, then audio
     rows (audio-in and audio-out frames in sequence order), so norms and MLPs run on contiguous slices.
-    Targets (the next-token shift, DESIGN §4): hidden state t predicts the label at t+1 of the same segment.
+    Targets (the next-token shift, docs/design.md §5): hidden state t predicts the label at t+1 of the same segment.
       text:  positions t whose label at t+1 is learnable, t and t+1 in one segment;
       audio: audio-out frames j followed at the next position by frame j+1 of the same segment, whose label column
              j+1 has any code != -100.

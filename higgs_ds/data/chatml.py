@@ -1,4 +1,4 @@
-"""ChatML sample (upstream JSON) → text tokens + labels, one placeholder per audio item (DESIGN §2).
+"""ChatML sample (upstream JSON) → text tokens + labels, one placeholder per audio item (docs/design.md §3).
 
 Token for token the same as upstream `prepare_chatml_sample` (boson_multimodal dataset/chatml_dataset.py:307-452):
 every piece is encoded on its own with `add_special_tokens=False`, exactly as upstream spells it. Samples that

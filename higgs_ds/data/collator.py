@@ -1,4 +1,4 @@
-"""TokenizedSamples → one `Batch` (batch.py): audio streams, expansion, labels, padding or packing (DESIGN §3).
+"""TokenizedSamples → one `Batch` (batch.py): audio streams, expansion, labels, padding/packing (docs/design.md §4).
 
 Same tensors as upstream `HiggsAudioSampleCollator` followed by the model's `merge_input_ids_with_audio_features`
 (right padding), without mutating the inputs, and vectorised over the whole batch: one `np.repeat` expands every

@@ -1,4 +1,4 @@
-"""The epoch plan: which samples each rank × worker slot reads, in which order, cut into which batches (DESIGN §6).
+"""The epoch plan: which samples each rank × worker slot reads, in which order and batches (docs/design.md §7).
 
 Computed from the manifest and the lengths sidecars alone, identically wherever it runs:
   1. shard order: a permutation seeded by (seed, epoch); the shards' samples in that order form the epoch's

@@ -1,4 +1,4 @@
-"""Training stream: shards → TokenizedSamples → token-budget batches → collated `Batch`es (DESIGN §6).
+"""Training stream: shards → TokenizedSamples → token-budget batches → collated `Batch`es (docs/design.md §7).
 
 Every epoch has a plan (plan.py): each rank × DataLoader-worker slot reads a contiguous piece of the epoch's
 shard order, shuffled through a buffer and cut into batches, and every slot yields the same number of batches.

@@ -1,4 +1,4 @@
-"""Checkpoints in both layouts (DESIGN §1): boson's original and transformers' port (our native one).
+"""Checkpoints in both layouts (docs/design.md §2): boson's original and transformers' port (our native one).
 
   boson: embed_tokens.* layers.* norm.* audio_codebook_embeddings.weight audio_decoder_proj.{text,audio}_lm_head.weight
          (+ upstream's "partially frozen" splits *.embedding_frozen/_trainable.weight and

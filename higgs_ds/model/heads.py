@@ -1,7 +1,7 @@
 """Linear + cross-entropy heads that never hold all logits (text 128256-way, audio 8 codebooks × 1026-way).
 
 `LinearCrossEntropyHead` owns its weight (so ZeRO-3 gathers it around this module's forward) and returns per-head
-token-CE *sums* and counts; the caller normalises by global counts (DESIGN §4).
+token-CE *sums* and counts; the caller normalises by global counts (docs/design.md §5).
 
 Implementations (`impl`):
 - "materialized": the plain reference: fp32 logits for all rows, F.cross_entropy(reduction="sum") per head.

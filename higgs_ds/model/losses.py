@@ -1,4 +1,4 @@
-"""Loss assembly: next-token shift, learnable-position selection and normalisation (DESIGN §4).
+"""Loss assembly: next-token shift, learnable-position selection and normalisation (docs/design.md §5).
 
 Shift. Labels in a Batch are unshifted. Hidden state t predicts the label at t+1 **within the same segment**
 (packed sample), so the last position of a sample never sees the next sample's first label, and nothing predicts

@@ -3,7 +3,7 @@ benchmarks' baselines).
 
 The port marks every audio frame (audio-in and audio-out) with its audio placeholder id in `input_ids` and takes the
 frames' codes (delay pattern, stream bos/eos included) in `audio_input_ids` [B, frames, K]; its own loss shifts.
-Verified against upstream in DESIGN §1 ("Verified here").
+Checked in tests/test_model_parity.py (docs/design.md §2).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from ..data.batch import Batch
 
 def port_inputs(batch: Batch, config: HiggsAudioV2Config) -> dict[str, torch.Tensor]:
     """The same batch for transformers' HiggsAudioV2ForConditionalGeneration: every audio frame (in and out) is an
-    audio placeholder in input_ids, its codes go in audio_input_ids [B, frames, K] (DESIGN §1 "Verified here")."""
+    audio placeholder in input_ids, its codes go in audio_input_ids [B, frames, K] (docs/design.md §2)."""
     rows, length = batch.input_ids.shape
     k_count = config.num_codebooks
     is_audio = batch.audio_in_mask | batch.audio_out_mask

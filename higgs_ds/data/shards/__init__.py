@@ -1,4 +1,4 @@
-"""Shard format: WebDataset tars of pre-tokenized samples, plus a per-split manifest (DESIGN §6).
+"""Shard format: WebDataset tars of pre-tokenized samples, plus a per-split manifest (docs/design.md §7).
 
 One split directory holds
   {split}-000000.tar           samples; tar key = the sample's position in the shard ("000000", no dots)

@@ -111,7 +111,7 @@ def decode_sample(raw: Mapping[str, Any], tokens: SpecialTokens, audio: AudioSet
 
 def sample_counts(sample: TokenizedSample, tokens: SpecialTokens, audio: AudioSettings) -> dict[str, int]:
     """The manifest's per-sample counts. Learnable audio tokens count label entries: a trained segment of T
-    frames has num_codebooks × (T + 1) of them (its codes and one stream eos per codebook, DESIGN §3)."""
+    frames has num_codebooks × (T + 1) of them (its codes and one stream eos per codebook, docs/design.md §4)."""
     is_placeholder = tokens.is_placeholder(sample.input_ids)
     segment_trained = sample.label_ids[is_placeholder] != IGNORE
     segment_out = sample.input_ids[is_placeholder] == tokens.audio_out
