@@ -37,6 +37,15 @@ if ! .venv/bin/python -c "import torchaudio" 2>/dev/null; then
     fi
     .venv/bin/python -c "import torch, torchaudio.functional as F; F.resample(torch.zeros(1, 160), 16000, 24000)"
 fi
+# DeepSpeed compiles its CPU communication op on first use. `import higgs_ds` points TORCH_EXTENSIONS_DIR into this
+# venv (the default ~/.cache/torch_extensions is shared by every venv: two checkouts would rebuild it in turn at
+# every launch); build it here once, so that no launch waits for the compiler.
+echo "setup.sh: building DeepSpeed's CPU communication op into .venv/torch_extensions (once, up to 2 minutes)"
+.venv/bin/python -c 'import higgs_ds, deepspeed
+from deepspeed.accelerator import get_accelerator
+builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+    builder.load(verbose=False)' >/dev/null
 if ! problem="$(.venv/bin/python -I -c "$CHECK" "$PWD" 2>&1)"; then  # what the quick path checks must hold now
     echo "$problem" >&2
     echo "setup.sh: .venv does not import this checkout's higgs_ds with torch and deepspeed" >&2

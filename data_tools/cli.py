@@ -2,12 +2,12 @@
 errors reported as one `error: ` line."""
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 from pathlib import Path
 from typing import Callable
 
+from higgs_ds.cli import HelpFormatter  # noqa: F401 - the tools' formatter
 from higgs_ds.vocabulary import VocabularyError
 
 
@@ -18,16 +18,6 @@ class UsageError(Exception):
 def prog(script: str, module: str) -> str:
     """How the command was called: its console script (pyproject.toml) or `python -m`."""
     return script if Path(sys.argv[0]).name == script else module
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: X)" to an option's help unless it has no default (None) or its help already names it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default is None or "(default" in text:
-            return text
-        return super()._get_help_string(action)
 
 
 def reports_errors(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:

@@ -144,3 +144,26 @@ def test_merged_weights_give_the_unmerged_logits_and_differ_from_the_base(tmp_pa
     for name in ("model.norm.weight", "text_lm_head.weight", "model.embed_tokens.weight"):
         assert torch.equal(merged_weights[name], base_state[name]), f"{name} is not trained: base bytes"
     assert torch.equal(merged_weights["audio_lm_head.weight"], params["audio_lm_head.weight"])
+
+
+@pytest.mark.parametrize("preset, parts, in_full", [
+    ("attention", ("attention",), [r"\.mlp\.", r"\.audio_mlp\."]),
+    ("attention_text_mlp", ("attention", "text_mlp"), [r"\.audio_mlp\.", r"^audio_lm_head\."]),
+    ("all_linear", ("attention", "text_mlp", "audio_mlp"), [r"^model\.embed_audio_tokens\."])])
+def test_the_engine_wraps_exactly_each_presets_modules_and_trains_the_rest_in_full(preset, parts, in_full):
+    """apply_lora (what the engine runs) for every preset, with the linear layers a preset leaves alone trained in
+    full: PEFT must wrap the preset's modules and no other (given bare names, `gate_proj` would also wrap
+    `audio_mlp.gate_proj` and freeze it), and exactly the adapters and the extras train."""
+    import re
+
+    from higgs_ds.train.config import LoraSection
+    from higgs_ds.train.lora import apply_lora
+
+    m = model()
+    trainable = apply_lora(m, LoraSection(rank=4, preset=preset, train_in_full=in_full))
+    wrapped = sorted(name for name, module in m.named_modules() if hasattr(module, "lora_A"))
+    assert wrapped == expected(*parts)
+    extras = {name for name, _ in m.named_parameters() if any(re.search(p, name) for p in in_full)}
+    adapters = {f"{t}.lora_{ab}.default.weight" for t in expected(*parts) for ab in "AB"}
+    assert extras and not any(".base_layer." in name for name in extras), "no extra is inside a wrapped module"
+    assert set(trainable) == {n for n, p in m.named_parameters() if p.requires_grad} == adapters | extras

@@ -82,12 +82,12 @@ def base_config(corpus: Path, out: Path, **train) -> dict:
 
 
 def launch(config: Path, *overrides: str, env: dict | None = None, wait: bool = True, timeout: int = 300,
-           gpus: int = 2, faults: dict | None = None):
+           gpus: int = 2, faults: dict | None = None, port: int | None = None):
     """`deepspeed --num_gpus N launch/train.py`; with `faults`, the tests' entry point plants them
     (tests/launch_with_faults.py)."""
     script = ROOT / "launch" / "train.py" if faults is None else ROOT / "tests" / "launch_with_faults.py"
     env = {**(env or {}), **({"HIGGS_DS_FAULTS": json.dumps(faults)} if faults is not None else {})}
-    command = [str(DEEPSPEED), "--num_gpus", str(gpus), "--master_port", str(processes.free_port()),
+    command = [str(DEEPSPEED), "--num_gpus", str(gpus), "--master_port", str(port or processes.free_port()),
                str(script), "--config", str(config), *overrides]
     process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -29,6 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 BIN = Path(sys.executable).parent  # the venv's: deepspeed, tensorboard
+TRAIN = ROOT / "launch" / "train.py"
 sys.path.insert(0, str(ROOT))  # this checkout's code, also when run as a plain script
 NOISE_SE = 3.0  # below the floor by more than this many standard errors: not sampling noise
 GUARD_TOLERANCE = 0.8  # the guard's floor: 80 % of the true floor (a train batch's loss scatters about ±0.2 around it)
@@ -129,7 +130,7 @@ def free_port() -> int:
 
 def train(run: Path, train_split: Path, val_split: Path, floor: dict, steps: int, overrides: list[str]) -> list[str]:
     """The 2-rank launch, its output shown as it comes and kept in run/train.log; returns the alarm lines."""
-    command = [BIN / "deepspeed", "--num_gpus", 2, "--master_port", free_port(), ROOT / "launch" / "train.py",
+    command = [BIN / "deepspeed", "--num_gpus", 2, "--master_port", free_port(), TRAIN,
                "--config", HERE / "run.yaml", f"data.train={train_split}", f"data.val={val_split}",
                f"train.out_dir={run}", f"train.max_steps={steps}",
                f"guards.audio_loss_floor={GUARD_TOLERANCE * floor['audio_floor']:.4f}", *overrides]

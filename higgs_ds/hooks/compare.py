@@ -93,9 +93,11 @@ def violations(expected: dict, got: dict, rtol: float, atol: float) -> list[str]
     return problems
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="launch/compare_runs.py", description="Compare training runs' loss "
-                                     "curves from their TensorBoard event files: table, PNGs, regression asserts.")
+def parser() -> argparse.ArgumentParser:
+    from ..cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="launch/compare_runs.py", formatter_class=HelpFormatter, description=(
+        "Compare training runs' loss curves from their TensorBoard event files: table, PNGs, regression asserts."))
     parser.add_argument("runs", type=Path, nargs="+", help="run directories (train.out_dir) or tensorboard/ folders")
     parser.add_argument("--last", type=int, default=5, help="steps the 'mean' column averages")
     parser.add_argument("--plots", type=Path, help="write one PNG per tag group (loss, codebooks, eval) here")
@@ -104,9 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expected", type=Path, help="exit 1 unless the (single) run matches this expected-loss "
                                                       "file within --rtol/--atol")
     parser.add_argument("--write-expected", type=Path, help="store the first run's loss tags as an expected file")
-    parser.add_argument("--rtol", type=float, default=1e-4)
-    parser.add_argument("--atol", type=float, default=1e-6)
-    args = parser.parse_args(argv)
+    parser.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of --assert and --expected")
+    parser.add_argument("--atol", type=float, default=1e-6, help="absolute tolerance of --assert and --expected")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     runs = {}
     for n, run in enumerate(args.runs):
         runs[str(run) if str(run) not in runs else f"{run}#{n}"] = read_scalars(run)

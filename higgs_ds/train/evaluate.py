@@ -55,14 +55,21 @@ def evaluate(checkpoint: Path, split: str, max_tokens: int | None = None) -> dic
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="launch/evaluate.py", description="Print the per-modality loss breakdown "
-                                     "(total, text, audio, each codebook) of a higgs-ds checkpoint on a split.")
+def parser() -> argparse.ArgumentParser:
+    from ..cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="launch/evaluate.py", formatter_class=HelpFormatter, description=(
+        "Print the per-modality loss breakdown (total, text, audio, each codebook) of a higgs-ds checkpoint on a "
+        "split."))
     parser.add_argument("checkpoint", type=Path, help="checkpoint tag directory, or a run's out_dir")
     parser.add_argument("--split", required=True, help="split directory or URL (data_tools.build_shards OUT/val)")
     parser.add_argument("--max-tokens", type=int, help="batch budget (default: the run's data.max_tokens)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         result = evaluate(checkpointing.resolve(args.checkpoint), args.split, args.max_tokens)
     except ValueError as exc:  # RunConfigError, VocabularyError, a checkpoint or split that does not fit

@@ -113,9 +113,10 @@ def is_model_dir(path: Path) -> bool:
         return False
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="launch/export.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                     description="Export a higgs-ds training checkpoint "
+def parser() -> argparse.ArgumentParser:
+    from ..cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="launch/export.py", formatter_class=HelpFormatter, description="Export a higgs-ds training checkpoint "
                                      "to consolidated safetensors (transformers and/or boson layout, or a LoRA run's "
                                      "PEFT adapter); or rewrite a model directory (e.g. the boson release) in the "
                                      "other layout.")
@@ -130,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", type=Path, help="converting a model directory: its tokenizer (default: the "
                                                        "tokenizer files in that directory)")
     parser.add_argument("--max-shard-bytes", type=int, default=5 * 2**30, help="largest safetensors file written")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     layouts = {"both": ["port", "boson"], "all": ["port", "boson", "peft"]}.get(args.layout, [args.layout])
     try:
         if is_model_dir(args.checkpoint):

@@ -90,6 +90,7 @@ class MetricsLog:
 
     def __init__(self, out_dir: str | Path, start_step: int):
         self.path = Path(out_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             rows = self.path.read_text().splitlines(keepends=True)
             kept = [row for row in rows if _step_of(row) is not None and _step_of(row) <= start_step]

@@ -124,10 +124,11 @@ def masking_summary(config: RunConfig, vocabulary: Vocabulary, names: list[str],
     stats, read = split_masking(manifest, max_samples, vocabulary.tokenizer)
     learnable = {modality: sum(n for (_, m, kind), n in stats.items() if m == modality and kind == "learnable")
                  for modality in ("text", "audio-out")}
-    trained = set(trainable_names(names, config.train.freeze, config.train.trainable))
-    adapted = bool(config.lora.rank)  # the decoder's adapters learn from either loss
-    heads = {"text": (adapted or "text_lm_head.weight" in trained) and config.model.text_weight > 0,
-             "audio-out": (adapted or "audio_lm_head.weight" in trained) and config.model.audio_weight > 0}
+    # What each loss reaches: every trained parameter but the other modality's head (the decoder, its adapters and
+    # both embeddings feed every position through the shared attention).
+    trained = {"lora"} if config.lora.rank else set(trainable_names(names, config.train.freeze, config.train.trainable))
+    heads = {"text": bool(trained - {"audio_lm_head.weight"}) and config.model.text_weight > 0,
+             "audio-out": bool(trained - {"text_lm_head.weight"}) and config.model.audio_weight > 0}
     if not any(learnable[m] for m, on in heads.items() if on):
         wanted = " or ".join(m for m, on in heads.items() if on) or "anything"
         raise RunConfigError(f"data.train: the first {read} samples hold no learnable {wanted} token, which this "

@@ -139,14 +139,13 @@ def interrupted_line(trainer: Trainer, config: RunConfig) -> str:
     return f"interrupted at step {trainer.step}: {where}; continue from it with train.resume=auto{again}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`deepspeed launch/train.py --config run.yaml [section.key=value ...] [--dry-run]`"""
+def parser():
     import argparse
 
-    from .config import load_config
+    from ..cli import HelpFormatter
 
-    parser = argparse.ArgumentParser(prog="launch/train.py", description="Train Higgs Audio v2 under DeepSpeed "
-                                     "ZeRO from higgs-ds shards (run with deepspeed, torchrun or python).")
+    parser = argparse.ArgumentParser(prog="launch/train.py", formatter_class=HelpFormatter, description=(
+        "Train Higgs Audio v2 under DeepSpeed ZeRO from higgs-ds shards (run with deepspeed, torchrun or python)."))
     parser.add_argument("--config", help="run YAML (higgs_ds.train.config.RunConfig)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config, data plan and memory "
                                                                "estimate, then exit (no process group)")
@@ -154,7 +153,14 @@ def main(argv: list[str] | None = None) -> int:
                                                           "many GPUs (default: this launch's world size)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the launcher's
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`deepspeed launch/train.py --config run.yaml [section.key=value ...] [--dry-run]`"""
+    from .config import load_config
+
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

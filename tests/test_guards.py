@@ -1,0 +1,104 @@
+"""Rank 0's guards and the hooks' seam, in process: the collapse guard's branches on hand-made step reports, its
+floor from the objective's reduction, the typed stop request, and a failing hook switched off once."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from higgs_ds.hooks import CollapseGuard, Hooks, StepReport, StopRequest
+from higgs_ds.train.config import GuardSection, ModelSection, RunConfig
+
+IDS, K = 1026, 8
+
+
+def guard(strict: bool = True, reduction: str = "sum", **guards) -> CollapseGuard:
+    config = RunConfig(model=ModelSection(audio_reduction=reduction), guards=GuardSection(strict=strict, **guards))
+    return CollapseGuard(config, IDS, K)
+
+
+def report(step: int = 5, audio_loss: float = 40.0, predictions: dict | None = None) -> StepReport:
+    return StepReport(step, 10, {"loss/audio": audio_loss, "tokens/audio_learnable": 100.0}, [[3, *[10] * K]] * 2,
+                      predictions)
+
+
+def frames(copy_predicted: float, copy_labels: float, rows: int = 40, seed: int = 0) -> dict:
+    """Audio inputs, labels and predictions of `rows` logged frames; the given shares of the label and prediction
+    cells equal their input cell (the rest differ from it)."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randint(0, 1024, (rows, K), generator=generator)
+
+    def equal_to_inputs(share: float) -> torch.Tensor:
+        same = torch.rand(rows, K, generator=generator) < share
+        return torch.where(same, inputs, (inputs + 1 + torch.randint(0, 1000, (rows, K), generator=generator)) % 1024)
+
+    return {"audio_inputs": inputs, "audio_labels": equal_to_inputs(copy_labels),
+            "audio_predictions": equal_to_inputs(copy_predicted)}
+
+
+def test_predictions_copying_their_input_raise_the_alarm_and_predictions_that_do_not_stay_quiet():
+    """The copy branch on its own (labels rarely equal their input): predictions that copy it alarm, predictions
+    that copy it no more often than the labels do not, whatever the direction of the difference."""
+    copying = guard()
+    copying.on_step(report(predictions=frames(copy_predicted=0.9, copy_labels=0.05)))
+    assert len(copying.alarms) == 1 and "audio predictions equal their input frame" in copying.alarms[0]
+    assert copying.stop_requested() == StopRequest(copying.alarms[0], failed=True)
+    for predicted, labels in ((0.05, 0.05), (0.05, 0.3), (0.2, 0.05)):  # below the margin, or the labels copy more
+        quiet = guard()
+        quiet.on_step(report(predictions=frames(copy_predicted=predicted, copy_labels=labels)))
+        assert quiet.alarms == [] and quiet.stop_requested() is None, (predicted, labels)
+
+
+def test_labels_equal_to_their_inputs_name_the_unshifted_loss():
+    labels_copy = guard()
+    labels_copy.on_step(report(predictions=frames(copy_predicted=1.0, copy_labels=1.0)))
+    assert labels_copy.alarms == ["COLLAPSE ALARM at step 5: 100% of the audio labels equal their own input frame: "
+                                  "the loss is not shifted (labels must be the next frame's codes)"]
+
+
+@pytest.mark.parametrize("reduction, uniform", [("sum", K * math.log(IDS)), ("mean", math.log(IDS))])
+def test_the_loss_floor_is_one_percent_of_the_uniform_loss_of_the_objectives_reduction(reduction, uniform):
+    below, above = guard(reduction=reduction), guard(reduction=reduction)
+    assert below.floor == pytest.approx(0.01 * uniform)
+    below.on_step(report(audio_loss=0.99 * below.floor))
+    above.on_step(report(audio_loss=1.01 * above.floor))
+    assert len(below.alarms) == 1 and "is below the floor" in below.alarms[0] and above.alarms == []
+
+
+def test_a_warning_guard_never_asks_to_stop(capsys):
+    warn = guard(strict=False)
+    warn.on_step(report(audio_loss=0.0))
+    assert warn.alarms and warn.stop_requested() is None
+    assert capsys.readouterr().err.startswith("warning: COLLAPSE ALARM at step 5")
+
+
+class Broken:
+    def on_step(self, report):
+        raise KeyError("boom")
+
+    def stop_requested(self):
+        return None
+
+
+class Stops:
+    def __init__(self, request):
+        self.request, self.steps = request, []
+
+    def on_step(self, report):
+        self.steps.append(report.step)
+
+    def stop_requested(self):
+        return self.request
+
+
+def test_a_failing_hook_is_switched_off_with_one_line_and_a_failing_stop_wins(capsys):
+    plain, failing = StopRequest("enough"), StopRequest("collapse", failed=True)
+    first, second = Stops(plain), Stops(failing)
+    hooks = Hooks([Broken(), first, second])
+    assert hooks.on_step(report(step=1)) == failing, "a failing request before a plain one"
+    assert hooks.on_step(report(step=2)) == failing
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["error: hook Broken failed at step 1 and is switched off: KeyError: 'boom'"]
+    assert first.steps == second.steps == [1, 2]
+    assert Hooks([Stops(None)]).on_step(report()) is None
