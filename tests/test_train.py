@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,131 +15,20 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import TINY_TOKENIZER
+import processes
+from helpers import (CPU_DS, DEEPSPEED, ROOT, TINY_MODEL, TINY_TOKENIZER, base_config, consumed, ds_json, fake_slurm,
+                     kill_after_save, launch, losses, make_samples, resumes_exactly, tiny_tokenizer, tiny_tokens,
+                     write_split, write_yaml)
 from higgs_ds.data.chatml import sample_from_chatml
 from higgs_ds.data.collator import Collator
-from higgs_ds.data.tokens import AudioSettings, SpecialTokens
+from higgs_ds.data.tokens import AudioSettings
 from higgs_ds.model import HiggsAudioForTraining, LossNorm, learnable_counts, load_model, read_model_config
 from higgs_ds.model.checkpoint import save_checkpoint
 from higgs_ds.train import main as train_main
-from higgs_ds.train.config import LoraSection
-from higgs_ds.train.lora import apply_lora
-import processes
 from higgs_ds.train.components import warmup_cosine
+from higgs_ds.train.config import LoraSection
 from higgs_ds.train.export import main as export_main
-from test_stream import make_samples, write_split
-
-ROOT = Path(__file__).resolve().parents[1]
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"
-CPU_DS = ROOT / "ds_configs" / "cpu_zero3_fp32.json"
-MODEL = {"audio_num_codebooks": 8, "audio_codebook_size": 1024, "use_delay_pattern": True, "skip_audio_tower": True,
-         "audio_adapter_type": "dual_ffn_fast_forward", "audio_dual_ffn_layers": [0, 1],
-         "text_config": {"vocab_size": 416, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                         "num_attention_heads": 4, "num_key_value_heads": 2}}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_leftover_shared_memory():
-    """Launches the tests kill cannot unlink DeepSpeed's /dev/shm all-reduce buffers (≈ 66 MiB of RAM per rank; the
-    trainer releases them when it ends normally): remove those this module's launches left."""
-    started = time.time()
-    yield
-    for path in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
-        try:
-            if path.stat().st_mtime >= started - 1:
-                path.unlink()
-        except FileNotFoundError:
-            pass
-
-
-def write_yaml(path: Path, **sections) -> Path:
-    import yaml
-
-    path.write_text(yaml.safe_dump(sections))
-    return path
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, tokenizer, tokens):
-    root = tmp_path_factory.mktemp("corpus")
-    (root / "model").mkdir()
-    (root / "model" / "config.json").write_text(json.dumps(MODEL))
-    samples = make_samples(96, tokenizer, tokens, seed=0)
-    write_split(root / "train", samples[:80], (20, 20, 20, 20), tokenizer, tokens)
-    write_split(root / "val", samples[80:], (16,), tokenizer, tokens)
-    return root
-
-
-def base_config(corpus: Path, out: Path, **train) -> dict:
-    return dict(
-        model={"config": str(corpus / "model"), "tokenizer": str(TINY_TOKENIZER)},
-        data={"train": str(corpus / "train"), "val": str(corpus / "val"), "layout": "packed", "pack_length": 256,
-              "max_tokens": 512, "round_to": 8, "num_workers": 1},
-        optim={"lr": 3e-3, "warmup_steps": 2},
-        train={"out_dir": str(out), "deepspeed": str(CPU_DS), "precision": "fp32", "grad_accum": 2, "epochs": 2,
-               "log_every": 1, "trace_samples": True, **train})
-
-
-def launch(config: Path, *overrides: str, env: dict | None = None, wait: bool = True, timeout: int = 300,
-           gpus: int = 2):
-    command = [str(DEEPSPEED), "--num_gpus", str(gpus), "--master_port", str(processes.free_port()),
-               str(ROOT / "launch" / "train.py"), "--config", str(config), *overrides]
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    if not wait:
-        return process
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        processes.kill_group(process)
-        output, _ = process.communicate()
-        pytest.fail(f"launch timed out (a hang?): {command}\n{output[-4000:]}")
-    finally:
-        processes.kill_group(process)  # stragglers of a finished launch
-    return process.returncode, output
-
-
-def kill_after_save(config: Path, out: Path, step: int) -> None:
-    """Launch `config` and kill -9 the whole job once every rank has saved the step-`step` checkpoint."""
-    process = launch(config, env={"HIGGS_DS_TEST_HANG_AFTER_SAVE": str(step)}, wait=False)
-    try:
-        deadline = time.time() + 300
-        while not all((out / f"saved.rank{r}").exists() for r in range(2)):
-            assert process.poll() is None, process.stdout.read()[-3000:]
-            assert time.time() < deadline, f"no checkpoint at step {step}"
-            time.sleep(0.5)
-    finally:
-        processes.kill_group(process)  # kill -9 of the whole job (and, on a failure, no process left behind)
-        process.wait()
-
-
-def resumes_exactly(config: Path, out: Path, ref_out: Path, step: int) -> str:
-    """`train.resume=auto` after a kill at `step`: every later step's loss equals the uninterrupted run's."""
-    code, output = launch(config, "train.resume=auto")
-    assert code == 0, output[-3000:]
-    assert f"step{step:08d} at step {step}" in output
-    ref, got = losses(ref_out), losses(out)
-    assert sorted(got) == sorted(ref) and max(ref) > step
-    for s in range(step + 1, max(ref) + 1):
-        assert got[s] == pytest.approx(ref[s], rel=1e-6, abs=1e-6), (s, got, ref)
-    return output
-
-
-def losses(out: Path) -> dict[int, float]:
-    """Per-step loss/total from rank 0's metrics.jsonl (a resumed run overwrites the steps it repeats)."""
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row["loss/total"] for row in rows}
-
-
-def consumed(out: Path, steps: range) -> list[str]:
-    keys = []
-    for trace in sorted((out / "trace").glob("rank*.jsonl")):
-        rows = {}
-        for line in trace.read_text().splitlines():
-            row = json.loads(line)
-            rows[row["step"], row["micro"]] = row["keys"]
-        keys += [k for (step, _), ks in rows.items() if step in steps for k in ks]
-    return sorted(keys)
+from higgs_ds.train.lora import apply_lora
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +152,7 @@ def test_two_ranks_two_micro_batches_give_the_single_process_gradient(tmp_path, 
     samples = [chat(tokenizer, tokens, f"g{i}", kind, rng) for i, kind in enumerate(kinds)]
     write_split(tmp_path / "train", samples, (16,), tokenizer, tokens)
     (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text(json.dumps(MODEL))
+    (tmp_path / "model" / "config.json").write_text(json.dumps(TINY_MODEL))
     model_config = read_model_config(tmp_path / "model", tokenizer)
     torch.manual_seed(0)
     start = HiggsAudioForTraining(model_config)
@@ -342,14 +230,6 @@ def good(corpus, tmp_path) -> dict:
     return base_config(corpus, tmp_path / "out")
 
 
-def ds_json(tmp_path: Path, **changes) -> str:
-    body = json.loads(CPU_DS.read_text())
-    body.update(changes)
-    path = tmp_path / "ds.json"
-    path.write_text(json.dumps(body))
-    return str(path)
-
-
 BAD = {
     "unknown key": (lambda c, p: ["train.foo=1"], r"train\.foo: Key 'foo' not in 'TrainSection'"),
     "wrong type": (lambda c, p: ["train.grad_accum=two"], r"train\.grad_accum: Value 'two'"),
@@ -380,7 +260,7 @@ BAD = {
 
 
 def other_tokenizer(tmp_path: Path) -> str:
-    tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER))
+    tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER))  # a fresh one: add_tokens changes it
     tokenizer.add_tokens(["<|not_in_the_shards|>"])
     tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
     return str(tmp_path / "tokenizer")
@@ -388,14 +268,14 @@ def other_tokenizer(tmp_path: Path) -> str:
 
 def other_model(tmp_path: Path, **changes) -> str:
     (tmp_path / "other").mkdir(exist_ok=True)
-    (tmp_path / "other" / "config.json").write_text(json.dumps({**MODEL, **(changes or {"audio_num_codebooks": 4})}))
+    (tmp_path / "other" / "config.json").write_text(
+        json.dumps({**TINY_MODEL, **(changes or {"audio_num_codebooks": 4})}))
     return str(tmp_path / "other")
 
 
 def unlearnable_split(tmp_path: Path) -> str:
     """Six prompts with nothing to learn (no assistant turn)."""
-    tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER))
-    tokens = SpecialTokens.from_tokenizer(tokenizer)
+    tokenizer, tokens = tiny_tokenizer(), tiny_tokens()
     rng = np.random.default_rng(0)
     samples = [chat(tokenizer, tokens, f"n{i}", "nothing", rng) for i in range(6)]
     return str(write_split(tmp_path / "unlearnable", samples, (6,), tokenizer, tokens))
@@ -435,13 +315,12 @@ def test_two_launchers_on_two_loopback_hosts_train_like_one(corpus, reference, t
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
     port = str(processes.free_port())
-    launchers = [subprocess.Popen(
+    launchers = [processes.start(
         [str(DEEPSPEED), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node), "--master_addr",
          "127.0.0.1", "--master_port", port, str(ROOT / "launch" / "train.py"), "--config", str(config)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        for node in (0, 1)]
+        cwd=ROOT, stderr=subprocess.STDOUT) for node in (0, 1)]
     try:
-        outputs = [p.communicate(timeout=300)[0] for p in launchers]
+        outputs = [processes.wait(p).stdout for p in launchers]
     finally:
         for p in launchers:
             processes.kill_group(p)
@@ -518,8 +397,8 @@ def test_resume_on_one_rank_from_two_restores_model_optimizer_and_the_rest_of_th
     # Step 3 by hand: AdamW from the step-2 fp32 weights and moments (the universal files), global normalisation,
     # clipping at 1.0, the learning rate the resumed schedule gives step 2 (the log's lr of the step before).
     universal = out / "universal" / "step00000002" / "zero"
-    model = HiggsAudioForTraining(read_model_config(corpus / "model", AutoTokenizer.from_pretrained(
-        str(TINY_TOKENIZER))))
+    tokenizer, tokens = tiny_tokenizer(), tiny_tokens()
+    model = HiggsAudioForTraining(read_model_config(corpus / "model", tokenizer))
     start = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step00000002")
     model.load_state_dict(start, strict=False)
     params = dict(model.named_parameters())
@@ -533,8 +412,6 @@ def test_resume_on_one_rank_from_two_restores_model_optimizer_and_the_rest_of_th
             "exp_avg_sq": torch.load(universal / name / "exp_avg_sq.pt", weights_only=True).view_as(param).clone()}
     rows = [json.loads(line) for line in (out / "trace" / "rank0.jsonl").read_text().splitlines()]
     step3 = [row["keys"] for row in rows if row["step"] == 3][-2:]
-    tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER))
-    tokens = SpecialTokens.from_tokenizer(tokenizer)
     by_key = {s.key: s for s in make_samples(96, tokenizer, tokens, seed=0)}
     collator = Collator(tokens, model.model_config.audio, layout="packed", pack_length=256, round_to=8)
     batches = [collator([by_key[k] for k in keys]) for keys in step3]
@@ -552,7 +429,7 @@ def test_resume_on_one_rank_from_two_restores_model_optimizer_and_the_rest_of_th
 
 
 def test_freezing_recipes_name_exactly_their_parameters(corpus, tokenizer):
-    from higgs_ds.train.components import RECIPES, param_groups, trainable_names
+    from higgs_ds.train.components import param_groups, trainable_names
 
     model = HiggsAudioForTraining(read_model_config(corpus / "model", tokenizer))
     names = [n for n, _ in model.named_parameters()]
@@ -563,7 +440,6 @@ def test_freezing_recipes_name_exactly_their_parameters(corpus, tokenizer):
     expected |= {"model.embed_audio_tokens.embed_audio_tokens.weight", "audio_lm_head.weight"}
     assert audio == expected and len(expected) == 2 * 5 + 2
     assert trainable_names(names, "text_head_only") == ["text_lm_head.weight"]
-    assert set(RECIPES) == {"none", "audio_only", "text_head_only"}
     decay, no_decay = param_groups(model, 0.1)
     no_decay_names = {n for n, p in model.named_parameters() if any(p is q for q in no_decay["params"])}
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
@@ -612,17 +488,8 @@ def test_evaluate_prints_the_runs_own_eval_breakdown(reference, corpus, capsys):
 def test_slurm_template_runs_torchrun_per_node_in_a_fake_slurm_job(good, tmp_path):
     """launch/slurm_train.sh under a fake SLURM (scontrol and srun stand-ins on PATH, one node of 2 'GPUs'): it
     rendezvous on the first host and each of torchrun's ranks reaches train.py (--dry-run: no process group)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text("#!/bin/sh\n[ \"$1 $2\" = 'show hostnames' ] && echo localhost\n")
-    # srun: drop its own options, run the command once (this is one node).
-    (bin_dir / "srun").write_text("#!/bin/sh\nwhile [ \"${1#--}\" != \"$1\" ]; do shift; done\nexec \"$@\"\n")
-    for tool in ("scontrol", "srun"):
-        (bin_dir / tool).chmod(0o755)
     config = write_yaml(tmp_path / "run.yaml", **good)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[1-1]",
-           "SLURM_NNODES": "1", "SLURM_JOB_ID": "42", "GPUS_PER_NODE": "2",
-           "MASTER_PORT": str(processes.free_port())}
+    env = fake_slurm(tmp_path, dict(os.environ), gpus_per_node=2)
     result = processes.run(["bash", str(ROOT / "launch" / "slurm_train.sh"), str(config), "train.max_steps=5",
                              "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
