@@ -204,9 +204,10 @@ def test_floor_counts_are_the_collated_learnable_labels(tmp_path, layout):
 # ---------------------------------------------------------------------------------------------- end to end
 
 def run_demo(cwd: Path, *args: str, env: dict | None = None):
-    """demo.sh verbatim by its path, from `cwd`; a worktree without a .venv of its own runs the tests' venv."""
+    """demo.sh verbatim by its path, from `cwd`; a worktree without a .venv of its own (none, or a link to another
+    checkout's: demo.sh's setup would repair that one) runs the tests' venv."""
     env = {**os.environ, **(env or {})}
-    if not (ROOT / ".venv").is_dir():
+    if not (ROOT / ".venv").is_dir() or (ROOT / ".venv").is_symlink():
         env["HIGGS_DS_VENV"] = str(Path(sys.executable).parent.parent)
     done = processes.run([str(ROOT / "demo.sh"), *args], cwd=cwd, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]

@@ -356,7 +356,8 @@ def test_torchrun_on_shards_behind_a_url_trains_like_the_reference(corpus, refer
     config["data"].update(train=f"{served}/train", val=f"{served}/val")
     config = write_yaml(tmp_path / "run.yaml", **config)
     # With a hook (the seam of the hooks issue) that records what rank 0 receives and asks to stop after step 2.
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    path = os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))  # keep the caller's
+    env = {**os.environ, "PYTHONPATH": path}
     result = processes.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
                              str(processes.free_port()), str(ROOT / "launch" / "train.py"), "--config",
                              str(config), "train.max_steps=3", "train.hooks=[hooks_for_tests:RecordAndStop]"],
