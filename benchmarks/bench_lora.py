@@ -131,7 +131,7 @@ def worker(args) -> int:
     from deepspeed.runtime.zero.partition_parameters import is_zero_param
 
     importlib.import_module("higgs_ds.model")  # before zero.Init: torch._dynamo's import fails under its patches
-    from model_helpers import make_batch, tts_sample
+    from helpers import make_batch, tts_sample
 
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()

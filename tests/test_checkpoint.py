@@ -8,11 +8,10 @@ import pytest
 import torch
 from transformers import HiggsAudioV2ForConditionalGeneration
 
+from helpers import BOSON, SPLIT, TINY_TOKENIZER
 from higgs_ds.model import load_model, read_model_config, read_port_state_dict, save_checkpoint
 from higgs_ds.model.checkpoint import merge_split_tensors, read_state_dict
 
-GOLDENS = Path(__file__).parent / "goldens" / "model"
-BOSON, SPLIT = GOLDENS / "boson_tiny", GOLDENS / "boson_tiny_split"
 
 
 def assert_same_tensors(got: dict, expected: dict) -> None:
@@ -91,7 +90,6 @@ def test_our_port_layout_loads_in_transformers(tmp_path, tokenizer):
 def test_export_converts_a_model_directory_tensor_by_tensor_in_its_dtype(tmp_path, tokenizer, capsys):
     """launch/export.py on a model directory (the release is boson-layout, with upstream's split tensors; a PEFT
     adapter loads onto the port layout): every tensor as stored, merged split halves, either way round."""
-    from conftest import TINY_TOKENIZER
     from higgs_ds.train.export import main as export_main
 
     bf16 = tmp_path / "bf16_split"  # the split checkpoint stored in bf16: the conversion keeps the dtype

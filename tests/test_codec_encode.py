@@ -11,24 +11,10 @@ import pytest
 import soundfile
 import torch
 import torchaudio
-from transformers import HiggsAudioV2TokenizerConfig, HiggsAudioV2TokenizerModel
+from transformers import HiggsAudioV2TokenizerModel
 
+from helpers import CODEC_RATE, TINY_MODEL, build, tiny_codec_config
 from higgs_ds.data.shards import Manifest, decode_sample, read_shard
-from test_shards import build, model_config
-
-RATE = 24000  # the codec's rate; hop 960 → 25 frames/s as in the release
-
-
-def tiny_codec_config() -> HiggsAudioV2TokenizerConfig:
-    """The release's shape (24 kHz, hop 8·5·4·2·3 = 960, 16 kHz HuBERT semantic branch, 8 codebooks of 1024) with
-    every width shrunk: 2 kbps at 25 frames/s and 10 bits per code gives exactly 8 quantizers."""
-    return HiggsAudioV2TokenizerConfig(
-        target_bandwidths=[2.0], sample_rate=RATE, codebook_size=1024, codebook_dim=8,
-        acoustic_model_config={"model_type": "dac", "encoder_hidden_size": 2, "downsampling_ratios": [8, 5, 4, 2, 3],
-                               "decoder_hidden_size": 32, "codebook_dim": 8},
-        semantic_model_config={"model_type": "hubert", "hidden_size": 16, "num_hidden_layers": 1,
-                               "num_attention_heads": 2, "intermediate_size": 32, "conv_dim": [8] * 7,
-                               "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2})
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +29,17 @@ def codec_dir(tmp_path_factory) -> Path:
     return directory
 
 
+def test_the_tiny_codec_decodes_n_frames_to_n_hops(codec_dir):
+    """Its decoder upsamples by the encoder's hop (960 samples, 25 frames/s): N frames decode to N × 960 samples."""
+    codec = HiggsAudioV2TokenizerModel.from_pretrained(codec_dir).eval()
+    assert codec.config.hop_length == 960
+    for frames in (1, 50):
+        codes = torch.randint(0, 1024, (1, 8, frames), generator=torch.Generator().manual_seed(frames))
+        with torch.inference_mode():
+            audio = codec.decode(codes, return_dict=True).audio_values
+        assert audio.shape == (1, 1, frames * 960), (frames, audio.shape)
+
+
 def tone(seconds: float, rate: int, channels: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * rate)) / rate
@@ -51,9 +48,9 @@ def tone(seconds: float, rate: int, channels: int, seed: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, tokenizer) -> Path:
+def corpus(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("audio")
-    soundfile.write(root / "reply.wav", tone(0.6, RATE, 1, 1), RATE, subtype="FLOAT")
+    soundfile.write(root / "reply.wav", tone(0.6, CODEC_RATE, 1, 1), CODEC_RATE, subtype="FLOAT")
     soundfile.write(root / "question.flac", tone(0.5, 16000, 2, 2), 16000)  # stereo, 16 kHz: downmix + resample
     np.save(root / "ref.npy", np.random.default_rng(3).integers(0, 1024, (8, 6)).astype(np.int16))
     samples = [
@@ -66,7 +63,7 @@ def corpus(tmp_path_factory, tokenizer) -> Path:
                                      {"role": "assistant", "content": {"type": "audio", "audio_url": "reply.wav"}}]},
     ]
     (root / "data.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    (root / "config.json").write_text(json.dumps(model_config(tokenizer)))
+    (root / "config.json").write_text(json.dumps(TINY_MODEL))
     return root / "data.jsonl"
 
 
@@ -83,7 +80,7 @@ def test_builder_codes_equal_the_codecs_encode(corpus, codec_dir, tmp_path, toke
     codec = HiggsAudioV2TokenizerModel.from_pretrained(codec_dir).eval()
     reply = torch.from_numpy(soundfile.read(corpus.parent / "reply.wav", dtype="float32")[0])[None, None]
     stereo, rate = soundfile.read(corpus.parent / "question.flac", dtype="float32")
-    question = torchaudio.functional.resample(torch.from_numpy(stereo.mean(axis=1))[None, None], rate, RATE)
+    question = torchaudio.functional.resample(torch.from_numpy(stereo.mean(axis=1))[None, None], rate, CODEC_RATE)
     with torch.inference_mode():
         expected_reply = codec.encode(reply, return_dict=False)[0].numpy()
         expected_question = codec.encode(question, return_dict=False)[0].numpy()
@@ -104,7 +101,7 @@ def test_codes_do_not_depend_on_worker_count(corpus, codec_dir, tmp_path):
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(one, two))
 
 
-def test_audio_problems_name_the_sample(corpus, codec_dir, tmp_path, tokenizer, capsys):
+def test_audio_problems_name_the_sample(corpus, codec_dir, tmp_path, capsys):
     assert build(corpus, tmp_path / "no_codec") == 1  # the first bad sample met, in shuffled order
     assert re.search(r"line [13] \(sample '(tts|clone)'\): audio\[[01]\]\.audio_url='reply\.wav': an audio file, but "
                      r"no --codec", capsys.readouterr().err)
@@ -116,6 +113,6 @@ def test_audio_problems_name_the_sample(corpus, codec_dir, tmp_path, tokenizer, 
     assert [e["line"] for e in errors] == [1]
     assert "line 1 (sample 'tts'): audio[0].audio_url='broken.wav': cannot read/encode audio" in errors[0]["error"]
     four = corpus.parent / "four.json"
-    four.write_text(json.dumps(model_config(tokenizer) | {"audio_num_codebooks": 4}))
+    four.write_text(json.dumps(TINY_MODEL | {"audio_num_codebooks": 4}))
     with pytest.raises(SystemExit, match="produces 8 codebooks of 1024 codes; the model expects 4 of 1024"):
         build(corpus, tmp_path / "four", "--codec", str(codec_dir), "--model-config", str(four))

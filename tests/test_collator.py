@@ -7,36 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import text_only, tts
 from higgs_ds.data.batch import IGNORE, Batch
-from higgs_ds.data.chatml import sample_from_chatml
 from higgs_ds.data.collator import Collator
 from higgs_ds.data.sample import SampleError, TokenizedSample
 from higgs_ds.data.tokens import AudioSettings
 
 AUDIO = AudioSettings()
-
-
-def chat_sample(tokenizer, tokens, key: str, messages: list, frames: list[int], start_index=None,
-                seed=0) -> TokenizedSample:
-    """A tokenized ChatML sample whose audio items get random codes with the given frame counts."""
-    rng = np.random.default_rng(seed)
-    return sample_from_chatml({"messages": messages, "start_index": start_index}, tokenizer, tokens, AUDIO, key=key,
-                              load_codes=lambda ref: rng.integers(0, 1024, size=(8, frames[ref.index]),
-                                                                  dtype=np.int16))
-
-
-def tts(tokenizer, tokens, key="tts", frames=(5, 5, 5), start_index=None, seed=0) -> TokenizedSample:
-    """Voice clone: audio-in (turn 0), reference answer (turn 1), target answer (turn 3); `frames` per segment."""
-    messages = [{"role": "user", "content": ["Read:", {"type": "audio", "audio_url": "in"}]},
-                {"role": "assistant", "content": {"type": "audio", "audio_url": "ref"}},
-                {"role": "user", "content": "Again."},
-                {"role": "assistant", "content": ["ok", {"type": "audio", "audio_url": "out"}]}]
-    return chat_sample(tokenizer, tokens, key, messages, list(frames), start_index, seed)
-
-
-def text_only(tokenizer, tokens, key="text") -> TokenizedSample:
-    return chat_sample(tokenizer, tokens, key, [{"role": "user", "content": "Hi"},
-                                                {"role": "assistant", "content": "Hello."}], [])
 
 
 def test_delay_pattern_design_example(tokens):

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DATA_GOLDENS, load_sample_set
 from transformers import AutoTokenizer
 
+from helpers import DATA_GOLDENS, load_sample_set
 from higgs_ds.data.chatml import tokenize_chatml
 from higgs_ds.data.collator import Collator
 from higgs_ds.data.tokens import AudioSettings, SpecialTokens

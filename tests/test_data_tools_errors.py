@@ -18,8 +18,8 @@ from numpy.lib import format as npy_format
 import processes
 from data_tools import build_shards, shard_tools
 from data_tools.build import pool, samples as worker, writing
+from helpers import ROOT, TINY_MODEL, TINY_TOKENIZER, build, make_corpus
 from higgs_ds.data.shards import Manifest, SplitWriter, decode_sample, read_shard
-from test_shards import ROOT, TINY_TOKENIZER, build, make_corpus, model_config
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
@@ -37,8 +37,8 @@ def run_cli(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedPr
 
 
 @pytest.fixture
-def corpus(tmp_path, tokenizer) -> Path:
-    return make_corpus(tmp_path / "data", 8, tokenizer)
+def corpus(tmp_path) -> Path:
+    return make_corpus(tmp_path / "data", 8)
 
 
 def with_lines(jsonl: Path, *lines: str, name: str = "extra.jsonl") -> Path:
@@ -241,8 +241,8 @@ def _plain_tokenizer(directory: Path) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(str(directory))
 
 
-def test_bad_model_config_is_one_line(corpus, tmp_path, tokenizer):
-    good = model_config(tokenizer)
+def test_bad_model_config_is_one_line(corpus, tmp_path):
+    good = TINY_MODEL
     huge = json.loads(json.dumps(good))
     huge["text_config"]["num_hidden_layers"] = 10 ** 30  # escapes read_model_config's ConfigError
     files = {"malformed.json": "{not json", "list.json": "[1, 2]", "other.json": json.dumps({"model_type": "bert"}),
@@ -590,12 +590,11 @@ def test_ctrl_c_with_workers_is_clean(tmp_path):
     jsonl.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus one?"},
                                                       {"role": "assistant", "content": f"It is {i + 1}."}]}) + "\n"
                              for i in range(20000)))
-    (tmp_path / "config.json").write_text(json.dumps(model_config(_tiny_tokenizer())))
+    (tmp_path / "config.json").write_text(json.dumps(TINY_MODEL))
     before = snapshot(tmp_path)
     command = [sys.executable, "-m", "data_tools.build_shards", str(jsonl), "--tokenizer", str(TINY_TOKENIZER),
                "--model-config", str(tmp_path / "config.json"), "--out", str(tmp_path / "out"), "--workers", "2"]
-    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          start_new_session=True) as proc:
+    with processes.start(command, cwd=ROOT, text=False) as proc:
         try:
             seen = b""
             while b"samples:" not in seen:  # the bar is drawn just before the workers start
@@ -612,9 +611,3 @@ def test_ctrl_c_with_workers_is_clean(tmp_path):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert err_lines(err)[-1] == f"interrupted: nothing written to {tmp_path / 'out'}"
     assert snapshot(tmp_path) == before
-
-
-def _tiny_tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(TINY_TOKENIZER))

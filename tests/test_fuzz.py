@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import assert_accounting, make_samples, rewrite_members, write_split
 from higgs_ds.data.chatml import sample_from_chatml
 from higgs_ds.data.collator import Collator
 from higgs_ds.data.sample import SampleError, TokenizedSample
 from higgs_ds.data.shards import FIELDS, Manifest
 from higgs_ds.data.stream import ShardLoader
 from higgs_ds.data.tokens import AudioSettings
-from test_stream import assert_accounting, make_samples, rewrite_members, write_split
 
 AUDIO = AudioSettings()
 TEXTS = ["hello", "", " ", "<|AUDIO|>", "<|AUDIO_OUT|>", "<|eot_id|>", "\ud800", "\udfff x", "é" * 50, "\x00",

@@ -17,7 +17,7 @@ from transformers.models.higgs_audio_v2.modeling_higgs_audio_v2 import HiggsAudi
 from higgs_ds.model import HiggsAudioForTraining, LossNorm, learnable_counts
 from higgs_ds.model import heads, modeling
 from higgs_ds.model.losses import next_token_targets
-from model_helpers import make_batch, mixed_packed_batch, random_text, randomize, text, tiny_config
+from helpers import make_batch, mixed_packed_batch, random_text, randomize, text, tiny_config
 
 CONFIG = tiny_config()
 

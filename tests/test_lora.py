@@ -7,7 +7,7 @@ import torch
 
 from higgs_ds.model import HiggsAudioForTraining
 from higgs_ds.train.lora import inject_lora, lora_targets
-from model_helpers import make_batch, random_text, text, tiny_config, tts_sample
+from helpers import make_batch, random_text, text, tiny_config, tts_sample
 
 CONFIG = tiny_config()  # 2 layers, hidden 32
 

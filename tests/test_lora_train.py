@@ -15,42 +15,15 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from safetensors.torch import load_file
 
-from conftest import TINY_TOKENIZER
+from helpers import (EXTRAS, LORA, TINY_TOKENIZER, ds_json, kill_after_save, launch, lora_config, losses, make_samples,
+                     resumes_exactly, write_yaml)
 from higgs_ds.data.collator import Collator
-from higgs_ds.model import HiggsAudioForTraining, load_model, read_model_config
-from higgs_ds.model.checkpoint import read_port_state_dict, save_checkpoint
+from higgs_ds.model import HiggsAudioForTraining, load_model
+from higgs_ds.model.checkpoint import read_port_state_dict
 from higgs_ds.train import main as train_main
 from higgs_ds.train.config import LoraSection
 from higgs_ds.train.export import main as export_main
 from higgs_ds.train.lora import apply_lora
-from test_stream import make_samples
-from test_train import (base_config, corpus, kill_after_save, launch, losses,  # noqa: F401
-                        no_leftover_shared_memory, resumes_exactly, write_yaml)
-
-# alpha is not the default 2 × rank (a scaling taken from the wrong place shows); dropout > 0 (resume must restore
-# every rank's RNG for the masks to repeat).
-LORA = {"rank": 4, "alpha": 3.0, "dropout": 0.1}
-EXTRAS = {"model.embed_audio_tokens.embed_audio_tokens.weight", "audio_lm_head.weight"}
-
-
-@pytest.fixture(scope="module")
-def pretrained(corpus, tokenizer, tmp_path_factory):
-    """A 'pretrained' checkpoint: the tiny model's random init with another seed, in the boson layout (as the
-    release is; the docs' LoRA commands start from a port-layout export)."""
-    model_config = read_model_config(corpus / "model", tokenizer)
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("pretrained")
-    save_checkpoint(HiggsAudioForTraining(model_config).state_dict(), model_config, path, layout="boson")
-    return path
-
-
-def lora_config(corpus, pretrained, out, *, lora=None, **train) -> dict:
-    config = base_config(corpus, out, save_every=2, **train)
-    config["model"] = {"pretrained": str(pretrained), "tokenizer": str(TINY_TOKENIZER)}
-    config["optim"] = {"lr": 1e-2, "warmup_steps": 2}
-    config["lora"] = {**LORA, **(lora or {})}
-    config["model"]["activation_checkpointing"] = True  # frozen base + checkpointing under ZeRO (DeepSpeed #8148)
-    return config
 
 
 @pytest.fixture(scope="module")
@@ -211,13 +184,11 @@ def test_a_zero2_lora_run_trains_keeps_the_base_resumes_exactly_and_exports(corp
                                                                             tokens):
     """ZeRO-2 (the 24 GB recipe's stage) with activation checkpointing and dropout: only adapters and extras
     change; kill -9 after step 2 and resume gives the uninterrupted run's losses; the export merges exactly."""
-    ds = json.loads((Path(__file__).resolve().parents[1] / "ds_configs" / "cpu_zero3_fp32.json").read_text())
-    ds["zero_optimization"] = {"stage": 2}
-    (tmp_path / "zero2.json").write_text(json.dumps(ds))
+    zero2 = ds_json(tmp_path, zero_optimization={"stage": 2})
     configs = {}
     for name in ("ref", "killed"):
         configs[name] = write_yaml(tmp_path / f"{name}.yaml", **lora_config(
-            corpus, pretrained, tmp_path / name, max_steps=4, deepspeed=str(tmp_path / "zero2.json")))
+            corpus, pretrained, tmp_path / name, max_steps=4, deepspeed=zero2))
     code, output = launch(configs["ref"], faults={"dump_weights": str(tmp_path / "final.safetensors")})
     assert code == 0, output[-3000:]
     steps = losses(tmp_path / "ref")

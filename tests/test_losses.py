@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from higgs_ds.model import HiggsAudioForTraining, LossConfig, LossNorm, learnable_counts
 from higgs_ds.data.batch import index_batch
 from higgs_ds.model.losses import next_token_targets
-from model_helpers import audio_in, audio_out, make_batch, random_codes, random_text, randomize, text, tiny_config, \
+from helpers import audio_in, audio_out, make_batch, random_codes, random_text, randomize, text, tiny_config, \
     tts_sample
 
 CONFIG = tiny_config()
@@ -242,7 +242,7 @@ def test_forward_and_backward_leave_every_batch_tensor_untouched(checkpointing):
     """docs/design.md §10 "in-place label mutation": the model reads the batch and never writes to it."""
     import dataclasses
 
-    from model_helpers import mixed_packed_batch
+    from helpers import mixed_packed_batch
 
     torch.manual_seed(0)
     model = HiggsAudioForTraining(CONFIG)

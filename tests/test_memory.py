@@ -87,7 +87,7 @@ def test_refusals():
 def test_count_params_on_meta_with_lora_and_shared_weights():
     from higgs_ds.model import HiggsAudioForTraining
     from higgs_ds.train.lora import inject_lora, lora_targets
-    from model_helpers import tiny_config
+    from helpers import tiny_config
 
     with torch.device("meta"):
         model = HiggsAudioForTraining(tiny_config())  # hidden 32, vocab 416, 4 x 34 audio ids

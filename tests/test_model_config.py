@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
+from helpers import BOSON
 from higgs_ds.data.tokens import AudioSettings, SpecialTokens
 from higgs_ds.model import HiggsAudioForTraining, load_model, save_checkpoint
 from higgs_ds.model_config import ConfigError, read_model_config
-from test_checkpoint import BOSON
 
 BOSON_RAW = json.loads((BOSON / "config.json").read_text())
 # Optional keys of a boson config, and what the reader must assume without them (upstream's defaults).

@@ -1,6 +1,5 @@
 """Our model against transformers' port (same weights) and upstream's goldens; ZeRO-3 lockstep; checkpointing."""
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,10 +9,8 @@ from transformers import HiggsAudioV2ForConditionalGeneration
 from higgs_ds.data.batch import Batch
 from higgs_ds.model import HiggsAudioForTraining, LossConfig, load_model
 from higgs_ds.testing.port import port_inputs
-from model_helpers import (audio_in, audio_out, make_batch, random_codes, random_text, randomize, text,
-                           tiny_config, tts_sample)
-
-GOLDENS = Path(__file__).parent / "goldens" / "model"
+from helpers import (MODEL_GOLDENS, audio_in, audio_out, make_batch, random_codes, random_text, randomize, text,
+                     tiny_config, tts_sample)
 
 
 def two_row_batch(config, seed=0) -> Batch:
@@ -74,8 +71,8 @@ def golden_batch(npz, index: int) -> Batch:
 def test_logits_match_upstream_goldens(checkpoint):
     """reference/make_model_goldens.py: upstream HiggsAudioModel on upstream-collated batches (left- and right-
     padded, audio-in, untrained reference audio, text-only rows). The split variant is sharded."""
-    model = load_model(GOLDENS / checkpoint).eval()
-    npz = np.load(GOLDENS / "batches.npz")
+    model = load_model(MODEL_GOLDENS / checkpoint).eval()
+    npz = np.load(MODEL_GOLDENS / "batches.npz")
     for index in range(3):
         batch = golden_batch(npz, index)
         logits = model.logits(**batch.model_inputs())

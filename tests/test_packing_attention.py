@@ -4,7 +4,7 @@ import torch
 from higgs_ds.data.batch import index_batch
 from higgs_ds.model import HiggsAudioForTraining
 from higgs_ds.model.modeling import block_causal_mask, varlen_flash_kwargs
-from model_helpers import audio_in, audio_out, make_batch, random_codes, random_text, randomize, text, tiny_config, \
+from helpers import audio_in, audio_out, make_batch, random_codes, random_text, randomize, text, tiny_config, \
     tts_sample
 
 CONFIG = tiny_config()

@@ -11,12 +11,10 @@ import argparse
 import ast
 import contextlib
 import fcntl
-import importlib.util
 import io
 import json
 import os
 import re
-from collections import Counter
 import shlex
 import shutil
 import subprocess
@@ -29,6 +27,7 @@ import numpy as np
 import pytest
 
 import processes
+from helpers import fake_slurm, load_script
 from higgs_ds.data.chatml import tokenize_chatml
 from higgs_ds.data.shards import Manifest
 from higgs_ds.data.tokens import AudioSettings, SpecialTokens
@@ -103,7 +102,6 @@ def test_every_block_of_the_docs_is_marked_and_every_kind_has_a_block():
     assert unmarked == [], "every fenced block needs a <!-- test: KIND --> marker (and a runner here)"
     assert {kind for _, kind, _ in blocks()} == KINDS
     text = "".join(path.read_text() for path in DOCS)
-    assert "shards.py" not in text and "from_model_config" not in text, "stale names"
     for ref in re.findall(r"tests/(test_\w+\.py)(?:::(\w+))?", text):  # the troubleshooting table's tests
         source = (ROOT / "tests" / ref[0]).read_text()
         assert not ref[1] or f"def {ref[1]}(" in source, ref
@@ -184,8 +182,8 @@ def test_the_docs_cpu_commands_run_verbatim_in_order(tmp_path, readme_out_lock):
 
     # TensorBoard, as the docs open it, on the example run: it serves the run's scalars.
     command = code("tensorboard").split("#")[0].replace("OUT", "/tmp/higgs-example-run").strip()
-    server = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=root, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    server = processes.start(["bash", "-c", f"exec {command}"], cwd=root, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
     try:
         deadline, tags = time.time() + 120, {}
         while time.time() < deadline and "loss/audio" not in json.dumps(tags):
@@ -326,7 +324,7 @@ def test_the_docs_gpu_and_cluster_commands_pass_the_dry_run(stand_ins, tmp_path)
     for line in docs_commands("dry-run", values):
         command = shlex.split(line)
         if command[0] == "printf":  # the hostfile
-            subprocess.run(["bash", "-c", line], check=True, cwd=root)
+            assert processes.run(["bash", "-c", line], cwd=root).returncode == 0, line
             continue
         dry = as_dry_run(command, root)
         run = processes.run(dry, cwd=root, env=env, capture_output=True, text=True, timeout=300)
@@ -342,14 +340,7 @@ def test_the_docs_gpu_and_cluster_commands_pass_the_dry_run(stand_ins, tmp_path)
     assert {launcher for launcher, _ in seen} == {"python", "deepspeed", "torchrun", "sbatch"}
     # sbatch's template itself, under a fake SLURM (one node, one 'GPU'): its torchrun reaches train.py.
     sbatch = next(shlex.split(c) for c in docs_commands("dry-run", values) if c.startswith("sbatch"))
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text("#!/bin/sh\n[ \"$1 $2\" = 'show hostnames' ] && echo localhost\n")
-    (bin_dir / "srun").write_text("#!/bin/sh\nwhile [ \"${1#--}\" != \"$1\" ]; do shift; done\nexec \"$@\"\n")
-    for tool in ("scontrol", "srun"):
-        (bin_dir / tool).chmod(0o755)
-    slurm_env = {**env, "PATH": f"{bin_dir}:{env['PATH']}", "SLURM_JOB_NODELIST": "node[1-1]", "SLURM_NNODES": "1",
-                 "SLURM_JOB_ID": "42", "GPUS_PER_NODE": "1", "MASTER_PORT": str(processes.free_port())}
+    slurm_env = fake_slurm(tmp_path, env, gpus_per_node=1)
     script = sbatch.index("launch/slurm_train.sh")
     run = processes.run(["bash", *sbatch[script:], "--dry-run"], cwd=root, env=slurm_env, capture_output=True,
                         text=True, timeout=300)
@@ -409,19 +400,6 @@ def test_the_reference_scripts_help_without_upstreams_packages(script, tmp_path)
     check_help([str(venv_bin() / "python"), str(ROOT / script)], cwd, env)
 
 
-def test_results_has_one_section_per_benchmark_each_with_date_and_command():
-    """benchmarks/RESULTS.md: every bench_*.py has exactly one `## bench_x` section, and each section names a date
-    and the command it ran (a botched edit that repeats or drops text shows here)."""
-    text = (ROOT / "benchmarks" / "RESULTS.md").read_text()
-    sections = re.findall(r"^## (bench_\w+)$", text, re.M)
-    assert sorted(sections) == sorted(p.stem for p in (ROOT / "benchmarks").glob("bench_*.py")), sections
-    for name, body in zip(sections, re.split(r"^## bench_\w+$", text, flags=re.M)[1:]):
-        body = body.split("\n## ")[0]
-        assert re.search(r"20\d\d-\d\d-\d\d", body) and f"benchmarks/{name}.py" in body, name
-    prose = Counter(line for line in text.splitlines() if line.strip() and not line.startswith("|"))
-    assert prose.most_common(1)[0][1] <= 3, prose.most_common(1)
-
-
 @pytest.mark.slow
 def test_console_commands_from_outside_the_repository(tmp_path):
     outside = tmp_path / "elsewhere"
@@ -452,24 +430,13 @@ def test_console_commands_from_outside_the_repository(tmp_path):
 
 # ------------------------------------------------------------------------------------------- examples/tiny
 
-def load_make_example():
-    spec = importlib.util.spec_from_file_location("make_example", EXAMPLE / "make_example.py")
-    module = importlib.util.module_from_spec(spec)
-    writes, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ in examples/
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.dont_write_bytecode = writes
-    return module
-
-
 def files(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
             if p.is_file() and "__pycache__" not in p.parts}
 
 
 def test_example_is_what_make_example_writes(tmp_path, capsys):
-    load_make_example().main(tmp_path / "tiny")
+    load_script(EXAMPLE / "make_example.py", "make_example").main(tmp_path / "tiny")
     expected = files(tmp_path / "tiny")
     checked_in = {name: data for name, data in files(EXAMPLE).items() if name not in ("make_example.py", "run.yaml")}
     assert sorted(checked_in) == sorted(expected), "rerun examples/tiny/make_example.py and commit its output"

@@ -15,19 +15,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from data_tools.shard_tools import main
+from helpers import TINY_TOKENIZER, build, make_corpus, rewrite_shard
 from higgs_ds.data.collator import Collator
 from higgs_ds.data.shards import Manifest, decode_sample, read_shard
 from higgs_ds.data.tokens import AudioSettings
-from test_shards import TINY_TOKENIZER, build, make_corpus
-from test_stream import rewrite_shard
 
 AUDIO = AudioSettings()
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, tokenizer) -> Path:
+def built(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tools")
-    jsonl = make_corpus(root, 20, tokenizer)
+    jsonl = make_corpus(root, 20)
     assert build(jsonl, root / "out", "--shard-samples", "4", "--val-fraction", "0.2") == 0
     return root / "out"
 

@@ -14,76 +14,13 @@ import pytest
 import webdataset as wds
 
 import processes
-from data_tools import build_shards
+from helpers import AUDIO, ROOT, TINY_TOKENIZER, build, chatml, make_corpus
 from higgs_ds.data.chatml import sample_from_chatml
 from higgs_ds.data.collator import Collator
 from higgs_ds.data.sample import TokenizedSample
 from higgs_ds.data.shards import (FIELDS, Manifest, ShardError, SplitWriter, check_fingerprint, data_fingerprint,
                                   decode_sample, encode_sample, read_shard)
 from higgs_ds.data.tokens import AudioSettings
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY_TOKENIZER = ROOT / "tests" / "assets" / "tiny_tokenizer"
-AUDIO = AudioSettings()  # 8 codebooks × 1024, delay pattern: what MODEL_CONFIG says
-
-
-def model_config(tokenizer) -> dict:
-    """A small boson-layout config.json: what the builder reads for audio settings and the pad id."""
-    ids = tokenizer.convert_tokens_to_ids
-    return {"audio_num_codebooks": 8, "audio_codebook_size": 1024, "use_delay_pattern": True,
-            "skip_audio_tower": True, "encode_whisper_embed": False, "encode_audio_in_tokens": True,
-            "audio_adapter_type": "dual_ffn_fast_forward", "audio_dual_ffn_layers": [0],
-            "text_config": {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 80,
-                            "num_hidden_layers": 1, "num_attention_heads": 4},
-            "pad_token_id": ids("<|end_of_text|>")}
-
-
-def chatml(i: int, url) -> dict:
-    """Sample i of a mixed corpus: TTS, voice cloning with start_index, ASR, text chat. `url(name, T)` gives
-    the audio_url of a codes file with T frames."""
-    kind = i % 4
-    if kind == 0:
-        sample = {"messages": [{"role": "system", "content": "Generate audio following instruction."},
-                               {"role": "user", "content": f"Read sentence number {i} aloud."},
-                               {"role": "assistant", "content": {"type": "audio", "audio_url": url(f"tts{i}", 5 + i)}}]}
-    elif kind == 1:
-        sample = {"start_index": 3, "messages": [
-            {"role": "user", "content": "Hello there."},
-            {"role": "assistant", "content": {"type": "audio", "audio_url": url(f"ref{i}", 4 + i % 7)}},
-            {"role": "user", "content": f"Now say {i}."},
-            {"role": "assistant", "content": {"type": "audio", "audio_url": url(f"out{i}", 6 + i % 5)}}]}
-    elif kind == 2:
-        sample = {"messages": [{"role": "user", "content": [
-            {"type": "text", "text": "Transcribe this clip."},
-            {"type": "audio", "audio_url": url(f"asr{i}", 3 + i % 9)}]},
-            {"role": "assistant", "content": f"The answer is {i}."}]}
-    else:
-        sample = {"messages": [{"role": "user", "content": f"What is {i} plus one?"},
-                               {"role": "assistant", "content": f"It is {i + 1}."}]}
-    if i % 3 == 0:
-        sample["id"] = f"utt.{i}"  # ids may hold dots: tar keys are positions, not ids
-    return sample
-
-
-def make_corpus(root: Path, n: int, tokenizer, seed: int = 0) -> Path:
-    """root/data.jsonl (n samples) + root/codes/*.npy + root/config.json; returns the JSONL path."""
-    rng = np.random.default_rng(seed)
-    (root / "codes").mkdir(parents=True, exist_ok=True)
-
-    def url(name: str, frames: int) -> str:
-        np.save(root / "codes" / f"{name}.npy", rng.integers(0, 1024, (8, frames)).astype(np.int16))
-        return f"codes/{name}.npy"
-
-    lines = [json.dumps(chatml(i, url)) for i in range(n)]
-    (root / "data.jsonl").write_text("\n".join(lines) + "\n")
-    (root / "config.json").write_text(json.dumps(model_config(tokenizer)))
-    return root / "data.jsonl"
-
-
-def build(jsonl: Path, out: Path, *extra: str) -> int:
-    return build_shards.main([str(jsonl), "--tokenizer", str(TINY_TOKENIZER), "--model-config",
-                              str(jsonl.parent / "config.json"), "--out", str(out), *extra])
-
 
 def source_samples(jsonl: Path, tokenizer, tokens) -> dict[str, TokenizedSample]:
     """What the shards must hold, computed straight from the JSONL."""
@@ -187,8 +124,8 @@ def test_decode_names_shard_key_and_field(sample, tokens, field, value, why):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, tokenizer):
-    return make_corpus(tmp_path_factory.mktemp("corpus"), 23, tokenizer)
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus"), 23)
 
 
 @pytest.fixture(scope="module")
@@ -290,9 +227,9 @@ def test_shard_bytes_and_val_every(corpus, tmp_path):
     assert all(s.bytes <= 12000 + 10240 or s.samples == 1 for s in train.shards)
 
 
-def _bad_corpus(root: Path, tokenizer, bad: str) -> tuple[Path, int, str]:
+def _bad_corpus(root: Path, bad: str) -> tuple[Path, int, str]:
     """A 6-sample corpus whose line 3 (an ASR sample) is bad in one way → (jsonl, bad line, message regex)."""
-    jsonl = make_corpus(root, 6, tokenizer)
+    jsonl = make_corpus(root, 6)
     lines = jsonl.read_text().splitlines()
     codes = root / "codes"
     if bad == "json":
@@ -320,8 +257,8 @@ def _bad_corpus(root: Path, tokenizer, bad: str) -> tuple[Path, int, str]:
 
 
 @pytest.mark.parametrize("bad", ["json", "missing", "shape", "range", "placeholder"])
-def test_builder_bad_input(tmp_path, tokenizer, capsys, bad):
-    jsonl, line, why = _bad_corpus(tmp_path, tokenizer, bad)
+def test_builder_bad_input(tmp_path, capsys, bad):
+    jsonl, line, why = _bad_corpus(tmp_path, bad)
     assert build(jsonl, tmp_path / "failed") == 1
     assert re.search(why, capsys.readouterr().err)
     assert not any(p.is_file() for p in (tmp_path / "failed").rglob("*")), "a failed build leaves no files"
@@ -333,16 +270,16 @@ def test_builder_bad_input(tmp_path, tokenizer, capsys, bad):
     assert manifest.skipped == 1 and manifest.totals["samples"] == 5
 
 
-def test_builder_cli_exit_code(tmp_path, tokenizer):
-    jsonl, _, _ = _bad_corpus(tmp_path, tokenizer, "missing")
+def test_builder_cli_exit_code(tmp_path):
+    jsonl, _, _ = _bad_corpus(tmp_path, "missing")
     run = processes.run([sys.executable, "-m", "data_tools.build_shards", str(jsonl), "--tokenizer",
                          str(TINY_TOKENIZER), "--model-config", str(tmp_path / "config.json"), "--out",
                          str(tmp_path / "out")], cwd=ROOT, timeout=120)
     assert run.returncode == 1 and "line 3 (sample '3'): audio[0].audio_url" in run.stderr
 
 
-def test_builder_rejects_duplicate_ids(tmp_path, tokenizer):
-    jsonl = make_corpus(tmp_path, 4, tokenizer)
+def test_builder_rejects_duplicate_ids(tmp_path):
+    jsonl = make_corpus(tmp_path, 4)
     lines = jsonl.read_text().splitlines()
     jsonl.write_text("\n".join(lines + [lines[0]]) + "\n")  # line 5 repeats id "utt.0"
     assert build(jsonl, tmp_path / "out", "--on-error", "skip") == 0

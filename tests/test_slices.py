@@ -6,19 +6,18 @@ import re
 
 import torch
 
+from helpers import TINY_MODEL, text_only, tts
 from higgs_ds.data.batch import IGNORE
 from higgs_ds.data.collator import Collator
 from higgs_ds.hooks.slices import audio_table, marked_sample, text_table
 from higgs_ds.model import HiggsAudioForTraining, read_model_config
-from test_collator import text_only, tts
-from test_train import MODEL
 
 FIELDS = ("text_predictions", "text_labels", "text_positions", "audio_predictions", "audio_labels", "audio_frames",
           "audio_inputs")
 
 
 def logged(tokenizer, tokens):
-    config = read_model_config(MODEL, tokenizer)
+    config = read_model_config(TINY_MODEL, tokenizer)
     torch.manual_seed(0)
     model = HiggsAudioForTraining(config)
     samples = [tts(tokenizer, tokens, key="clone", frames=(3, 4, 6), start_index=3),

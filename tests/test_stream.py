@@ -7,48 +7,22 @@ import itertools
 import json
 import logging
 import shutil
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from higgs_ds.data.chatml import sample_from_chatml
+from helpers import assert_accounting, make_samples, rewrite_members, rewrite_shard, write_split
 from higgs_ds.data.collator import Collator
 from higgs_ds.data.sample import TokenizedSample
-from higgs_ds.data.shards import Manifest, SplitWriter, data_fingerprint, decode_sample, read_shard
+from higgs_ds.data.shards import Manifest, decode_sample, read_shard
 from higgs_ds.data.plan import Budget, plan_epoch, shuffle_buffer
 from higgs_ds.data.stream import ShardLoader
 from higgs_ds.data.tokens import AudioSettings
-from test_shards import chatml
 
 AUDIO = AudioSettings()
 SHARD_SIZES = (3, 9, 5, 12, 4, 7, 2, 6)  # uneven on purpose
-
-
-def make_samples(n: int, tokenizer, tokens, seed: int = 0) -> list[TokenizedSample]:
-    rng = np.random.default_rng(seed)
-    frames = {}
-    out = []
-    for i in range(n):
-        out.append(sample_from_chatml(
-            chatml(i, lambda name, t: frames.setdefault(name, t) and name), tokenizer, tokens, AUDIO, key=f"s{i}",
-            load_codes=lambda ref: rng.integers(0, 1024, (8, frames[ref.item["audio_url"]])).astype(np.int16),
-            meta={"i": i}))
-    return out
-
-
-def write_split(directory: Path, samples: list[TokenizedSample], sizes, tokenizer, tokens) -> Path:
-    writer = SplitWriter(directory, "train", data_fingerprint(tokenizer, tokens, AUDIO), tokens, AUDIO,
-                         shard_samples=10**6)
-    it = iter(samples)
-    for size in sizes:
-        for _ in range(size):
-            writer.add(next(it))
-        writer.finish_shard()
-    writer.close()
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -279,18 +253,6 @@ def test_state_refuses_another_layout(split, tokens):
         ShardLoader(split, collator, rank=0, world_size=24, num_workers=4, max_tokens=500)
 
 
-def rewrite_shard(path: Path, change) -> None:
-    """Rewrite a shard with `change(member name, bytes) -> bytes` applied to every member."""
-    with tarfile.open(path) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    path.chmod(0o644)
-    with tarfile.open(path, "w") as tar:
-        for member, data in members:
-            data = change(member.name, data)
-            member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
-
-
 def _readable_keys(path: Path, tokens) -> set[str]:
     keys = set()
     try:
@@ -367,23 +329,6 @@ def test_batch_without_any_good_sample_becomes_blank(tmp_path, samples, tokenize
     assert blank.input_ids.tolist() == [[tokens.pad]]
     assert loader.stats()["blank_batches"] == 1 and loader.stats()["missing_samples"] == 2
     assert "train-000001.tar" in caplog.text and "unreadable tar" in caplog.text
-
-
-def assert_accounting(stats: dict) -> None:
-    assert stats["planned_samples"] == (stats["seen_samples"] + stats["corrupt_samples"] + stats["missing_samples"]
-                                        + stats["dropped_samples"] + stats["too_long_samples"]), stats
-
-
-def rewrite_members(path: Path, change) -> None:
-    """Rewrite a shard's member list: `change([(name, bytes)]) -> [(name, bytes)]`."""
-    with tarfile.open(path) as tar:
-        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
-    path.chmod(0o644)
-    with tarfile.open(path, "w") as tar:
-        for name, data in change(members):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def by_sample(members):

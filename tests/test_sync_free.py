@@ -7,7 +7,7 @@ import torch
 
 from higgs_ds.model import HiggsAudioForTraining, LossNorm, learnable_counts
 from higgs_ds.testing.host_syncs import DataDependentOps
-from model_helpers import mixed_packed_batch, randomize, tiny_config
+from helpers import mixed_packed_batch, randomize, tiny_config
 
 CONFIG = tiny_config()
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import processes
+from helpers import TINY_TOKENIZER, base_config, launch, losses, make_samples, start_launch, write_split, write_yaml
 from higgs_ds.train import checkpointing
 from higgs_ds.train import main as train_main
 from higgs_ds.train.export import main as export_main
-from test_stream import make_samples, write_split
-from test_train import base_config, launch, losses, write_yaml, corpus, reference  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("no_process_group")
 
@@ -86,8 +86,6 @@ def truncated_checkpoint(tmp_path: Path, corpus: Path, tokenizer) -> Path:
 
 
 def test_a_truncated_pretrained_checkpoint_is_named_by_train_and_export(corpus, tmp_path, capsys, tokenizer):
-    from conftest import TINY_TOKENIZER
-
     pretrained = truncated_checkpoint(tmp_path, corpus, tokenizer)
     config = base_config(corpus, tmp_path / "out")
     config["model"] = {"pretrained": str(pretrained), "tokenizer": str(TINY_TOKENIZER)}
@@ -99,33 +97,6 @@ def test_a_truncated_pretrained_checkpoint_is_named_by_train_and_export(corpus, 
     assert export_main([str(pretrained), "--out", str(tmp_path / "converted"), "--tokenizer", str(TINY_TOKENIZER)]) == 2
     assert one_error(capsys) == f"error: {named}"
     assert not (tmp_path / "converted").exists()
-
-
-def test_resume_auto_falls_back_past_a_truncated_newest_checkpoint(corpus, reference, tmp_path, capsys):
-    """The reference run's last two checkpoints, the newest with a truncated optimizer shard: resume=auto takes
-    the one before and says so in one line (decided from sizes written with COMPLETE, no file read); with both
-    damaged, one error line names the files."""
-    config_path, ref_out, _ = reference
-    out = tmp_path / "run"
-    import shutil
-
-    shutil.copytree(ref_out / "checkpoints", out / "checkpoints")
-    newest, older = out / "checkpoints" / "step00000007", out / "checkpoints" / "step00000006"
-    shard = newest / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    size = shard.stat().st_size
-    with open(shard, "r+b") as handle:
-        handle.truncate(size // 2)
-    config = write_yaml(tmp_path / "run.yaml", **base_config(corpus, out, save_every=2, keep_last=2, eval_every=3))
-    assert train_main(["--config", str(config), "--dry-run", "train.resume=auto"]) == 0
-    err = capsys.readouterr().err.splitlines()
-    assert [line for line in err if line.startswith("warning: resuming")] == [
-        f"warning: resuming from {older}: skipped the damaged newer step00000007 ({shard} has {size // 2} bytes, "
-        f"{size} were written)"]
-    (older / "rank0.pt").write_bytes(b"")
-    assert train_main(["--config", str(config), "train.resume=auto"]) == 2
-    line = one_error(capsys)
-    assert line.startswith(f"error: train.resume=auto: every checkpoint in {out / 'checkpoints'} is damaged: ")
-    assert str(shard) in line and str(older / "rank0.pt") in line
 
 
 # ------------------------------------------------------------------------------------------------ launches
@@ -164,18 +135,16 @@ def test_a_busy_rendezvous_port_is_named(corpus, tmp_path):
 def test_ctrl_c_stops_every_rank_with_one_line_and_the_checkpoint_to_resume_from(corpus, tmp_path):
     out = tmp_path / "run"
     config = write_yaml(tmp_path / "run.yaml", **base_config(corpus, out, save_every=2))
-    port = processes_port()
-    process = launch(config, wait=False, port=port)
+    port = processes.free_port()
+    process = start_launch(config, port=port)
     try:
         deadline = time.time() + 300
         while not (out / "checkpoints" / "step00000002" / checkpointing.COMPLETE).exists():
             assert process.poll() is None and time.time() < deadline, process.stdout.read()[-3000:]
             time.sleep(0.2)
         os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in the terminal does: the whole foreground group
-        output, _ = process.communicate(timeout=120)
+        output = processes.wait(process, timeout=120).stdout
     finally:
-        import processes
-
         processes.kill_group(process)
     step = max(losses(out))
     interrupted = re.findall(r"^interrupted at step (\d+): the last checkpoint is (\S+); continue from it with "
@@ -185,12 +154,6 @@ def test_ctrl_c_stops_every_rank_with_one_line_and_the_checkpoint_to_resume_from
     assert (Path(interrupted[0][1]) / checkpointing.COMPLETE).exists()
     assert "Traceback" not in output and "error: " not in output, output[-3000:]
     assert shm_buffers(port) == [], "the interrupted run leaves no shared-memory buffer"
-
-
-def processes_port() -> int:
-    import processes
-
-    return processes.free_port()
 
 
 @pytest.mark.slow
@@ -206,7 +169,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_stays
         out = disk / "run"
         config = base_config(corpus, out, save_every=2, keep_last=5, tensorboard=False, trace_samples=False)
         config = write_yaml(tmp_path / "run.yaml", **config)
-        port = processes_port()
+        port = processes.free_port()
         code, output = launch(config, port=port)
         assert code == 1, output[-3000:]
         previous = out / "checkpoints" / "step00000002"

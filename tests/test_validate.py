@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import text_only, tts
 from higgs_ds.data.batch import IGNORE, BatchError
 from higgs_ds.data.collator import Collator
 from higgs_ds.data.sample import SampleError, TokenizedSample
 from higgs_ds.data.tokens import AudioSettings
-from test_collator import text_only, tts
 
 AUDIO = AudioSettings()
 VOCAB = 512  # above every id of the tiny tokenizer (413)

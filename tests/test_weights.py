@@ -10,9 +10,9 @@ import weakref
 import pytest
 import torch
 
+from helpers import BOSON, SPLIT
 from higgs_ds.model import HiggsAudioForTraining, load_model, read_model_config, save_checkpoint
 from higgs_ds.train.weights import load_pretrained, read_tensor, weight_plan
-from test_checkpoint import BOSON, SPLIT
 
 
 def tracking_reader(live: list, peaks: list):
