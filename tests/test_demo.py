@@ -16,14 +16,13 @@ import torch
 from transformers import AutoTokenizer
 
 import processes
-from helpers import load_script
+from helpers import ROOT, TESTS, fault_env, load_script
 from higgs_ds.data.chatml import sample_from_chatml
 from higgs_ds.data.collator import Collator
 from higgs_ds.data.tokens import SpecialTokens
 from higgs_ds.model import learnable_counts
 from higgs_ds.model_config import read_model_config
 
-ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "examples" / "demo"
 PARAMS = json.loads((DEMO / "params.json").read_text())
 CONFIG = json.loads((DEMO / "config.json").read_text())
@@ -226,8 +225,10 @@ def demo(tmp_path_factory):
     out, elsewhere = tmp_path_factory.mktemp("demo"), tmp_path_factory.mktemp("elsewhere")
     sound = run_demo(elsewhere, "--out", str(out), "--steps", str(STEPS))
     shards = {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*")}
-    leak = run_demo(elsewhere, "--out", str(out), "--steps", str(STEPS), "model.leak_labels_for_tests=true",
-                    env={"HIGGS_DS_TESTING": "1"})
+    # The same program with the unshifted loss planted in its training launch (tests/demo_with_faults.py).
+    leak = processes.run([sys.executable, str(TESTS / "demo_with_faults.py"), "--out", str(out), "--steps",
+                          str(STEPS)], cwd=elsewhere, env=fault_env({"leak_labels": True}), timeout=600)
+    assert leak.returncode == 0, leak.stdout[-4000:] + leak.stderr[-4000:]
     assert shards == {p: p.stat().st_mtime_ns for p in (out / "shards").rglob("*")}, "the rerun rebuilt shards"
     assert sorted(os.listdir(elsewhere)) == [], "nothing written where it ran"
     return out, sound, leak

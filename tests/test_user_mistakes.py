@@ -53,7 +53,9 @@ def test_an_out_dir_that_is_a_file_is_refused_and_nothing_is_created(corpus, tmp
 
 def test_too_little_data_for_the_world_size_is_one_line_before_the_process_group(corpus, tmp_path, capsys,
                                                                                  monkeypatch, tokenizer, tokens):
-    """2 samples, 3 ranks: the planner's message, as the launch's one line (rank 0's preflight) and in --dry-run."""
+    """2 samples, 3 ranks: the planner's message, as the launch's one line (rank 0's preflight plans the data for
+    the world size; the other ranks, planning nothing yet, wait for the process group and the launcher ends them)
+    and in --dry-run."""
     split = write_split(tmp_path / "tiny", make_samples(2, tokenizer, tokens, seed=3), (2,), tokenizer, tokens)
     config = base_config(corpus, tmp_path / "out")
     config["data"].update(train=str(split), val=None, num_workers=0)
@@ -64,9 +66,6 @@ def test_too_little_data_for_the_world_size_is_one_line_before_the_process_group
     monkeypatch.setenv("RANK", "0")
     assert train_main(["--config", str(config)]) == 2
     assert re.match(planner, one_error(capsys))
-    monkeypatch.setenv("RANK", "1")  # the other ranks stop too, and say nothing
-    assert train_main(["--config", str(config)]) == 2
-    assert capsys.readouterr().err == ""
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.delenv("RANK")
     assert train_main(["--config", str(config), "--dry-run", "--world-size", "5"]) == 2
@@ -152,14 +151,18 @@ def test_ctrl_c_stops_every_rank_with_one_line_and_the_checkpoint_to_resume_from
     assert len(interrupted) == 1, output[-3000:]
     assert int(interrupted[0][0]) in (step, step + 1) and Path(interrupted[0][1]).name.startswith("step0000000")
     assert (Path(interrupted[0][1]) / checkpointing.COMPLETE).exists()
-    assert "Traceback" not in output and "error: " not in output, output[-3000:]
+    # No rank prints a traceback (a rank's lines carry "[rank{r}]:"; gloo's complaint was rank 1's last words). The
+    # deepspeed runner's own KeyboardInterrupt traceback, printed by DeepSpeed's launcher process, is not ours.
+    assert "]: Traceback" not in output and "gloo" not in output and "error: " not in output, output[-3000:]
+    tracebacks = output.split("Traceback (most recent call last):")[1:]
+    assert all("deepspeed/launcher/runner.py" in t and "KeyboardInterrupt" in t for t in tracebacks), output[-3000:]
     assert shm_buffers(port) == [], "the interrupted run leaves no shared-memory buffer"
 
 
 @pytest.mark.slow
 def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_stays(corpus, tmp_path):
-    """OUT on a small tmpfs: the step-2 checkpoint fits, the step-4 one does not. Every rank stops at that save;
-    one line says no space is left and which checkpoint is intact; that one still checks out."""
+    """OUT on a small tmpfs (room for a checkpoint or two of the tiny model): every rank stops at the save that does
+    not fit; one line says no space is left and which checkpoint is intact; that one still checks out."""
     disk = tmp_path / "disk"
     disk.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=14m", "tmpfs", str(disk)], capture_output=True)
@@ -172,10 +175,13 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_stays
         port = processes.free_port()
         code, output = launch(config, port=port)
         assert code == 1, output[-3000:]
-        previous = out / "checkpoints" / "step00000002"
         lines = [line for line in output.splitlines() if line.startswith("error: ")]
-        assert lines == [f"error: saving checkpoint {out / 'checkpoints' / 'step00000004'} failed: no space left on "
-                         f"device (0.00 GiB free there); the previous checkpoint {previous} is intact"], output[-3000:]
+        failed = re.fullmatch(rf"error: saving checkpoint {out / 'checkpoints'}/step(\d+) failed: no space left on "
+                              rf"device \(0\.00 GiB free there\); the previous checkpoint (\S+) is intact",
+                              lines[0] if len(lines) == 1 else "")
+        assert failed, output[-3000:]
+        previous = Path(failed[2])
+        assert previous.parent == out / "checkpoints" and int(failed[1]) == int(previous.name[4:]) + 2
         assert "Traceback" not in output
         assert checkpointing.damage(previous) == [] and checkpointing.resume_target(out / "checkpoints", "auto") == \
             previous

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from .checkpointing import CheckpointError
@@ -35,15 +36,26 @@ class Interrupted(KeyboardInterrupt):
     message is the line rank 0 prints."""
 
 
+class _Interrupts:
+    seen = False
+
+
 def _interrupt(signum, frame):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the way out
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if _Interrupts.seen:  # the launcher's SIGTERM after Ctrl-C, or a second Ctrl-C: already on the way out
+        return
+    _Interrupts.seen = True
+    # The launcher terminates our DataLoader workers too. Now that is expected: torch's SIGCHLD handler would report
+    # it as a failure, and the threads that talk to the workers (multiprocessing's resource sharer) would print the
+    # broken connection; rank 0's one line says what happened.
+    # (Python no-ops, not SIG_DFL: CPython reports a signal pending while its handler becomes SIG_DFL/SIG_IGN.)
+    signal.signal(signal.SIGCHLD, lambda *args: None)
+    sys.excepthook = threading.excepthook = lambda *args: None
     raise KeyboardInterrupt
 
 
 def interrupted() -> bool:
     """This process has had its SIGINT/SIGTERM (calling this runs a pending handler first: it raises then)."""
-    return signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    return _Interrupts.seen
 
 
 def start_process_group() -> None:
@@ -162,7 +174,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)}
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, _interrupt)
+    hooks = sys.excepthook, threading.excepthook
+    _Interrupts.seen = False
     try:
         config = load_config(args.config, args.overrides)
         if args.world_size is not None and (not args.dry_run or args.world_size < 1):
@@ -183,3 +199,4 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for number, handler in handlers.items():
             signal.signal(number, handler)
+        sys.excepthook, threading.excepthook = hooks
