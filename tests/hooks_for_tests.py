@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from higgs_ds.hooks import StopRequest
+
 
 class RecordAndStop:
     def __init__(self, config):
@@ -26,5 +28,5 @@ class RecordAndStop:
         with open(self.path, "a") as handle:
             handle.write(json.dumps({"eval_step": step, **metrics}) + "\n")
 
-    def stop_requested(self) -> bool:
-        return self.step >= 2
+    def stop_requested(self) -> StopRequest | None:
+        return StopRequest("RecordAndStop: step 2 reached") if self.step >= 2 else None

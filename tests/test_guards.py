@@ -102,3 +102,15 @@ def test_a_failing_hook_is_switched_off_with_one_line_and_a_failing_stop_wins(ca
     assert err == ["error: hook Broken failed at step 1 and is switched off: KeyError: 'boom'"]
     assert first.steps == second.steps == [1, 2]
     assert Hooks([Stops(None)]).on_step(report()) is None
+
+
+def test_a_hook_answering_stop_requested_with_anything_but_a_stop_request_is_switched_off(capsys):
+    class Legacy(Stops):  # the untyped answer of earlier versions
+        pass
+
+    legacy = Legacy(True)
+    hooks = Hooks([legacy])
+    assert hooks.on_step(report(step=3)) is None and hooks.hooks == []
+    assert capsys.readouterr().err.splitlines() == [
+        "error: hook Legacy failed at step 3 and is switched off: TypeError: stop_requested() returned True, not a "
+        "StopRequest or None"]

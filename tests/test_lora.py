@@ -167,3 +167,26 @@ def test_the_engine_wraps_exactly_each_presets_modules_and_trains_the_rest_in_fu
     adapters = {f"{t}.lora_{ab}.default.weight" for t in expected(*parts) for ab in "AB"}
     assert extras and not any(".base_layer." in name for name in extras), "no extra is inside a wrapped module"
     assert set(trainable) == {n for n, p in m.named_parameters() if p.requires_grad} == adapters | extras
+
+
+def test_the_adapters_base_is_a_port_layout_model_transformers_loads(tmp_path):
+    """A PEFT adapter names its base: a port-layout `model.pretrained` as it is; a boson-layout one (the release)
+    converted to the port layout beside the adapter (transformers loads the port layout only)."""
+    from transformers import HiggsAudioV2ForConditionalGeneration
+
+    from helpers import TINY_TOKENIZER, tiny_tokenizer
+    from higgs_ds.model import save_checkpoint
+    from higgs_ds.train.export import peft_base
+
+    m = model()
+    model_config = m.model_config.with_tokenizer(tiny_tokenizer())  # a port-layout config needs every token id
+    port = save_checkpoint(m.state_dict(), model_config, tmp_path / "port", layout="port")
+    boson = save_checkpoint(m.state_dict(), model_config, tmp_path / "boson", layout="boson")
+    assert peft_base(port, tmp_path / "adapter_a", TINY_TOKENIZER) == str(port.resolve())
+    assert not (tmp_path / "adapter_a").exists()
+    base = peft_base(boson, tmp_path / "adapter_b", TINY_TOKENIZER)
+    assert base == str((tmp_path / "adapter_b" / "base").resolve())
+    loaded = HiggsAudioV2ForConditionalGeneration.from_pretrained(base, use_text_head=True)
+    state = dict(loaded.named_parameters())
+    for name, value in m.named_parameters():
+        torch.testing.assert_close(state[name], value, rtol=0, atol=0)

@@ -53,13 +53,6 @@ def test_two_rank_zero3_run_trains_evaluates_and_saves(reference):
     assert tags == ["step00000006", "step00000007"], "keep_last=2 complete tags"
     assert all((out / "checkpoints" / tag / "COMPLETE").exists() for tag in tags)
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1, "hooks run on rank 0 only"
-    # Step 7 is the data's last, partial step (one micro-batch per rank of grad_accum=2); it updates the weights.
-    micro = [json.loads(line) for line in (out / "trace" / "rank0.jsonl").read_text().splitlines()]
-    assert [row["micro"] for row in micro if row["step"] == 7] == [0]
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    six, seven = (get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=tag) for tag in tags)
-    assert all(not torch.equal(six[n], seven[n]) for n in six), "the last, partial step moved every weight"
     # Each epoch sees a sample at most once, and the last epoch drops none (its short slot ends with a blank).
     keys = [k for k in consumed(out, range(1, 8)) if k != "<blank>"]
     assert len(set(keys)) == 80 and max(keys.count(k) for k in set(keys)) == 2 and len(keys) >= 150

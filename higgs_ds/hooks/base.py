@@ -50,6 +50,8 @@ class Hooks:
             try:
                 if method == "stop_requested":  # collects the answers into args[0]
                     if (request := hook.stop_requested()) is not None:
+                        if not isinstance(request, StopRequest):
+                            raise TypeError(f"stop_requested() returned {request!r}, not a StopRequest or None")
                         args[0].append(request)
                 else:
                     getattr(hook, method, lambda *a: None)(*args)
