@@ -276,7 +276,10 @@ class ShardLoader:
 
     def batches_in(self, epoch: int) -> int:
         """Batches epoch `epoch` gives this rank (every rank alike); plans it (a collective in training)."""
-        return self.plan(epoch).batches_per_slot * self.workers
+        return self._batches(self.plan(epoch))
+
+    def _batches(self, plan: EpochPlan) -> int:
+        return plan.batches_per_slot * self.workers
 
     def batches_left(self, num_epochs: int) -> int:
         """Batches this rank still delivers from where it stands through epoch `num_epochs - 1`."""
@@ -312,7 +315,7 @@ class ShardLoader:
     def stats(self) -> dict[str, int]:
         """Counts since construction (restored with the state), every epoch's plan counted when it starts: after
         an epoch, planned = seen + corrupt + missing + dropped + too_long (this rank's). Never plans."""
-        batches = self._plan.batches_per_slot * self.workers if self._plan is not None else 0
+        batches = self._batches(self._plan) if self._plan is not None else 0
         return {"epoch": self.epoch, "position": self.position, "batches_per_epoch": batches,
                 **{k: self._counts.get(k, 0) for k in COUNTERS}}
 

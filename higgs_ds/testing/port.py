@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import HiggsAudioV2Config
 
-from ..data.batch import Batch
+from ..data.batch import IGNORE, Batch
 
 
 def port_inputs(batch: Batch, config: HiggsAudioV2Config) -> dict[str, torch.Tensor]:
@@ -20,13 +20,13 @@ def port_inputs(batch: Batch, config: HiggsAudioV2Config) -> dict[str, torch.Ten
     k_count = config.num_codebooks
     is_audio = batch.audio_in_mask | batch.audio_out_mask
     codes = torch.zeros(rows * length, k_count, dtype=torch.long)
-    labels = torch.full((rows * length, k_count), -100, dtype=torch.long)
+    labels = torch.full((rows * length, k_count), IGNORE, dtype=torch.long)
     codes[batch.audio_in_mask.flatten()] = batch.audio_in_ids.T
     codes[batch.audio_out_mask.flatten()] = batch.audio_out_ids.T
     labels[batch.audio_out_mask.flatten()] = batch.audio_out_labels.T
     frames = int(is_audio.sum(1).max())
     audio_input_ids = torch.zeros(rows, frames, k_count, dtype=torch.long)
-    audio_labels = torch.full((rows, frames, k_count), -100, dtype=torch.long)
+    audio_labels = torch.full((rows, frames, k_count), IGNORE, dtype=torch.long)
     audio_mask = torch.zeros(rows, frames, dtype=torch.bool)
     for row in range(rows):
         flat = row * length + is_audio[row].nonzero().squeeze(1)
