@@ -73,7 +73,8 @@ def test_every_tag_damaged_or_a_named_damaged_tag_stops_with_one_line_naming_the
 def test_tags_written_before_sizes_were_recorded_still_resume(tmp_path):
     old = tag(tmp_path, 2, complete=False)
     (old / checkpointing.COMPLETE).write_bytes(b"")  # the mark of earlier versions: empty
-    assert checkpointing.resume_target(tmp_path, "auto") == old and checkpointing.resume_target(tmp_path, "none") is None
+    assert checkpointing.resume_target(tmp_path, "auto") == old
+    assert checkpointing.resume_target(tmp_path, "none") is None
 
 
 def test_no_checkpoint_yet_starts_fresh(tmp_path):

@@ -3,7 +3,6 @@ unexpected per-sample exceptions become bad samples, unknown roles are kept and 
 damaged inputs as BAD lines."""
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import signal
@@ -462,23 +461,6 @@ def test_on_error_has_help(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert re.search(r"--on-error \{fail,skip\} what a bad sample does: 'fail' \(default\) stops the build .* "
                      r"'skip' leaves it out, lists it in OUT/errors\.jsonl", text), text
-
-
-def test_every_option_says_what_it_does_and_its_default():
-    """Every option of higgs-build-shards and of each higgs-shards subcommand has help, and the help of one with a
-    default (not None) shows that default."""
-    tools = shard_tools.parser()
-    commands = next(a for a in tools._actions if isinstance(a, argparse._SubParsersAction)).choices
-    for parser in (build_shards.parser(), tools, *commands.values()):
-        entries = [" ".join(entry.split()) for entry in re.split(r"\n(?=  \S)", parser.format_help())]
-        for action in parser._actions:
-            if not action.option_strings or isinstance(action, argparse._HelpAction):
-                continue
-            entry = next(e for e in entries if e.split()[0].rstrip(",") in action.option_strings)
-            assert action.help, f"{parser.prog} {action.option_strings[0]} has no help"
-            if action.default is not None:
-                shown = (f"(default: {action.default})", f"'{action.default}' (default)")
-                assert any(text in entry for text in shown), f"{parser.prog}: {entry}"
 
 
 def test_inspect_table_is_aligned_without_tokenizer(shards, capsys):

@@ -381,6 +381,35 @@ def check_help(argv: list[str], cwd: Path, env: dict[str, str]) -> None:
     assert list(cwd.iterdir()) == [], "--help writes nothing"
 
 
+def tool_parsers() -> dict[str, argparse.ArgumentParser]:
+    """The argument parsers of the product's commands: the launch tools and the data tools (each subcommand)."""
+    from data_tools import build_shards, shard_tools
+    from higgs_ds.hooks import compare
+    from higgs_ds.train import evaluate, export, runtime
+
+    parsers = {p.prog: p for p in (runtime.parser(), evaluate.parser(), export.parser(), compare.parser(),
+                                   build_shards.parser(), shard_tools.parser())}
+    tools = parsers[shard_tools.parser().prog]
+    commands = next(a for a in tools._actions if isinstance(a, argparse._SubParsersAction)).choices
+    return {**parsers, **{p.prog: p for p in commands.values()}}
+
+
+@pytest.mark.parametrize("prog", sorted(tool_parsers()))
+def test_every_option_says_what_it_does_and_its_default(prog):
+    """Every option of launch/train.py, evaluate.py, export.py, compare_runs.py, higgs-build-shards and each
+    higgs-shards subcommand has help, and the help of one with a default (not None) shows that default."""
+    parser = tool_parsers()[prog]
+    entries = [" ".join(entry.split()) for entry in re.split(r"\n(?=  \S)", parser.format_help())]
+    for action in parser._actions:
+        if not action.option_strings or isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
+            continue
+        entry = next(e for e in entries if e.split()[0].rstrip(",") in action.option_strings)
+        assert action.help, f"{prog} {action.option_strings[0]} has no help"
+        if action.default is not None:
+            shown = (f"(default: {action.default})", f"'{action.default}' (default)")
+            assert any(text in entry for text in shown), f"{prog}: {entry}"
+
+
 @pytest.mark.parametrize("command", COMMANDS + SCRIPTS, ids=str)
 def test_every_command_has_help_that_says_what_it_does(command, tmp_path):
     argv = ["bash", str(ROOT / command)] if isinstance(command, str) else [str(venv_bin() / "python"), *[

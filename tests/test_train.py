@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 import processes
 from helpers import (CPU_DS, DEEPSPEED, ROOT, TINY_MODEL, TINY_TOKENIZER, base_config, consumed, ds_json, fake_slurm,
-                     kill_after_save, launch, losses, make_samples, resumes_exactly, tiny_tokenizer, tiny_tokens,
+                     kill_after_save, launch, losses, make_samples, tiny_tokenizer, tiny_tokens,
                      write_split, write_yaml)
 from higgs_ds.data.chatml import sample_from_chatml
 from higgs_ds.data.collator import Collator

@@ -3,7 +3,6 @@ any process group where it can be known; nothing created, the previous checkpoin
 left behind. In process where the mistake is caught before the process group; otherwise a real 2-rank launch."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal

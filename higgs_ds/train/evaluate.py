@@ -50,7 +50,8 @@ def evaluate(checkpoint: Path, split: str, max_tokens: int | None = None) -> dic
         for batch in loader:
             sums = sums + model(**batch.model_inputs()).sums()
     result = sums.means(model.loss_config)
-    result.update({"tokens/text_learnable": int(sums.text_count), "tokens/audio_learnable": int(sums.audio_counts.sum()),
+    result.update({"tokens/text_learnable": int(sums.text_count),
+                   "tokens/audio_learnable": int(sums.audio_counts.sum()),
                    **{key: value for key, value in loader.stats().items() if key.endswith("samples")}})
     return result
 

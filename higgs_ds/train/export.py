@@ -116,10 +116,9 @@ def is_model_dir(path: Path) -> bool:
 def parser() -> argparse.ArgumentParser:
     from ..cli import HelpFormatter
 
-    parser = argparse.ArgumentParser(prog="launch/export.py", formatter_class=HelpFormatter, description="Export a higgs-ds training checkpoint "
-                                     "to consolidated safetensors (transformers and/or boson layout, or a LoRA run's "
-                                     "PEFT adapter); or rewrite a model directory (e.g. the boson release) in the "
-                                     "other layout.")
+    parser = argparse.ArgumentParser(prog="launch/export.py", formatter_class=HelpFormatter, description=(
+        "Export a higgs-ds training checkpoint to consolidated safetensors (transformers and/or boson layout, or a "
+        "LoRA run's PEFT adapter); or rewrite a model directory (e.g. the boson release) in the other layout."))
     parser.add_argument("checkpoint", type=Path, help="checkpoint tag directory, a run's out_dir, or a model "
                                                       "directory (config.json + safetensors) to convert")
     parser.add_argument("--out", type=Path, required=True,
@@ -127,7 +126,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--layout", choices=("port", "boson", "both", "peft", "all"), default="both",
                         help="port = transformers' HiggsAudioV2ForConditionalGeneration; boson = upstream's (a LoRA "
                              "run's adapters merged into full weights); peft = a LoRA run's adapter alone in PEFT's "
-                             "format, for PeftModel.from_pretrained on the port; all = port, boson and peft")
+                             "format, for PeftModel.from_pretrained on the port (its base_model_name_or_path: model.pretrained, "
+                             "or a boson-layout one converted to PEFT_DIR/base); all = port, boson and peft")
     parser.add_argument("--tokenizer", type=Path, help="converting a model directory: its tokenizer (default: the "
                                                        "tokenizer files in that directory)")
     parser.add_argument("--max-shard-bytes", type=int, default=5 * 2**30, help="largest safetensors file written")

@@ -87,7 +87,8 @@ class Trainer:
             self.step = int(client["step"])
             self.skipped_total = int(client.get("skipped_steps", 0))
             self.skipped_in_a_row = int(client.get("skipped_in_a_row", 0))
-            self.loader.load_state_dict(states[min(self.rank, saved_world - 1)]["stream"], [s["stream"] for s in states])
+            own = states[min(self.rank, saved_world - 1)]
+            self.loader.load_state_dict(own["stream"], [s["stream"] for s in states])
             if saved_world != self.world:  # the rest of the data makes another number of steps now
                 self.total_steps = self.parts.lr_factor.total_steps = steps_left(self.config, self.loader, self.step)
             set_schedule(self.parts, int(client.get("schedule_steps", self.step)))
