@@ -145,10 +145,11 @@ def run(config: RunConfig, dry: bool = False, hooks: list = (), world_size: int 
 
 
 def interrupted_line(trainer: Trainer, config: RunConfig) -> str:
-    where = (f"the last checkpoint is {trainer.last_checkpoint}" if trainer.last_checkpoint is not None
-             else "no checkpoint was saved yet")
+    if trainer.last_checkpoint is None:
+        return f"interrupted at step {trainer.step}: no checkpoint was saved yet; the same command starts over"
     again = " (the same command with train.resume=auto)" if config.train.resume != "auto" else " (the same command)"
-    return f"interrupted at step {trainer.step}: {where}; continue from it with train.resume=auto{again}"
+    return (f"interrupted at step {trainer.step}: the last checkpoint is {trainer.last_checkpoint}; continue from it "
+            f"with train.resume=auto{again}")
 
 
 def parser():

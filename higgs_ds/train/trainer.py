@@ -36,10 +36,10 @@ class TrainingStopped(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, setup: Setup, hooks: Hooks = Hooks([])):
+    def __init__(self, setup: Setup, hooks: Hooks | None = None):
         import torch.distributed as dist
 
-        self.setup, self.config, self.hooks = setup, setup.config, hooks
+        self.setup, self.config, self.hooks = setup, setup.config, hooks or Hooks([])
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.num_codebooks = setup.model_config.audio.num_codebooks
         model, trainable = build_model(setup, self.rank)
