@@ -45,10 +45,11 @@ class Setup:
         return make_collator(self.config, self.vocabulary.tokens, self.model_config.audio)
 
 
-def preflight(config: RunConfig, world_size: int, rank: int = 0) -> Setup:
-    """Every rank runs it alike from the files. Rank 0 also plans the train split's first epoch for `world_size`
-    (reading every shard's length sidecar): too little data for the ranks fails here, not after the process group
-    and the engine are built."""
+def preflight(config: RunConfig, world_size: int, rank: int = 0, local_rank: int = 0) -> Setup:
+    """Every rank runs it alike from the files; rank 0 says what it decided (a damaged checkpoint skipped). The first
+    rank of each node also plans the train and val splits' first epoch for `world_size` (reading every shard's length
+    sidecar): too little data for the ranks fails here, not after the process group and the engine are built. Its
+    node's launcher then ends the node's other ranks, which wait for the process group."""
     m = config.model
     ds = deepspeed_config(config, world_size)
     try:
@@ -77,7 +78,7 @@ def preflight(config: RunConfig, world_size: int, rank: int = 0) -> Setup:
         if saved != fingerprint(config):
             raise RunConfigError(f"train.resume {setup.resume_from}: saved by a run with another config (fingerprint "
                                  f"{saved} vs {fingerprint(config)}; only {', '.join(RESUMABLE)} may change)")
-    if rank == 0:
+    if local_rank == 0:
         for key, split, train in (("data.train", config.data.train, True), ("data.val", config.data.val, False)):
             if split is not None:
                 try:

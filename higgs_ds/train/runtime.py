@@ -107,7 +107,8 @@ def run(config: RunConfig, dry: bool = False, hooks: list = (), world_size: int 
     from ..hooks import Hooks
 
     world_size = world_size or int(os.environ.get("WORLD_SIZE", 1))
-    setup = preflight(config, world_size, this_rank())  # before any process group: a bad config stops here
+    # Before any process group: a bad config stops here.
+    setup = preflight(config, world_size, this_rank(), int(os.environ.get("LOCAL_RANK", 0)))
     for spec in config.train.hooks:
         hook_class(spec)
     if dry:  # stdout holds the JSON alone (`--dry-run > plan.json`); the summaries go to stderr
