@@ -91,7 +91,7 @@ class Trainer:
             self.loader.load_state_dict(own["stream"], [s["stream"] for s in states])
             if saved_world != self.world:  # the rest of the data makes another number of steps now
                 self.total_steps = self.parts.lr_factor.total_steps = steps_left(self.config, self.loader, self.step)
-            set_schedule(self.parts, self.step)
+            set_schedule(self.parts, int(client.get("schedule_steps", self.step)))
             if self.rank < saved_world:
                 checkpointing.set_rng_state(states[self.rank], self.device)
             if self.rank == 0:
