@@ -41,7 +41,13 @@ def start(command: list[str], **kwargs) -> subprocess.Popen:
     kwargs.setdefault("stdout", subprocess.PIPE)
     kwargs.setdefault("stderr", subprocess.PIPE)
     kwargs.setdefault("text", True)
-    return subprocess.Popen(command, start_new_session=True, **kwargs)
+    return subprocess.Popen(command, start_new_session=True, preexec_fn=_default_interrupt, **kwargs)
+
+
+def _default_interrupt() -> None:
+    """Ctrl-C's default in the child, whatever the suite inherited: a shell starts background jobs with SIGINT
+    ignored, and a Python started so never turns SIGINT into KeyboardInterrupt (the Ctrl-C tests would not see it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait(process: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
