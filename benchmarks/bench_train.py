@@ -286,7 +286,7 @@ def worker_train(args, rest: list[str]) -> int:
             phases.append([_phase, status("VmRSS"), status("VmHWM")])
             return result
         setattr(DeepSpeedEngine, phase, wrapped)
-    trainer.Trainer.save = lambda self: None  # not measured; its rank-0 full-model gather would add to the peak
+    trainer.Trainer.save = lambda self: None  # not measured: its file writes are not what this benchmark is about
     code = main(["--config", str(args.config)] + [a for a in rest if not a.startswith("--local_rank")])
     rank = dist.get_rank() if dist.is_initialized() else 0
     import torch

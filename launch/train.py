@@ -1,7 +1,7 @@
 """Train Higgs Audio v2 with DeepSpeed ZeRO from higgs-ds shards.
 
-    deepspeed --num_gpus N launch/train.py --config run.yaml [section.key=value ...]
-    torchrun --nproc_per_node N launch/train.py --config run.yaml ...
+    deepspeed --num_gpus N --master_port PORT launch/train.py --config run.yaml [section.key=value ...]
+    torchrun --nproc_per_node N --master_port PORT launch/train.py --config run.yaml ...
     python launch/train.py --config run.yaml --dry-run      # resolved config, data plan, memory estimate
 """
 import sys

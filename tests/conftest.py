@@ -60,7 +60,8 @@ def pretrained(corpus, tokenizer, tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def no_leftover_shared_memory():
-    """A launch the test killed cannot unlink DeepSpeed's /dev/shm all-reduce buffers (≈ 66 MiB of RAM per rank; the
-    trainer releases them when it ends normally): after the test, remove those of its launches, and only those."""
+    """Ranks unlink their DeepSpeed /dev/shm all-reduce buffer (≈ 66 MiB of RAM) once the process group forms; a
+    launch killed before that, or a script of the tests' own that forms a group otherwise, can leave one: after the
+    test, remove those of its launches, and only those."""
     yield
     processes.remove_shared_memory()

@@ -30,3 +30,10 @@ class RecordAndStop:
 
     def stop_requested(self) -> StopRequest | None:
         return StopRequest("RecordAndStop: step 2 reached") if self.step >= 2 else None
+
+
+class FailsToStart:
+    """A hook whose constructor raises (train.hooks=[hooks_for_tests:FailsToStart])."""
+
+    def __init__(self, config):
+        raise ConnectionError("the metrics server at 10.0.0.1:9000 refused the connection")

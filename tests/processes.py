@@ -77,9 +77,9 @@ def _tail(output: str | bytes, chars: int = 4000) -> str:
 
 def remove_shared_memory() -> None:
     """Remove DeepSpeed's CPU all-reduce buffers of the launches on the ports `free_port` handed out. shm.cpp names
-    them deepspeed_allreduce_buffer_{uid}_{master addr}_{master port}_{local rank} (≈ 66 MiB of RAM each); a run
-    that ends normally removes its own, one a test kills cannot. Buffers on other ports (other jobs') stay. Call
-    only once those launches have ended."""
+    them deepspeed_allreduce_buffer_{uid}_{master addr}_{master port}_{local rank} (≈ 66 MiB of RAM each); the
+    trainer's ranks unlink theirs as soon as the process group forms, a launch killed before that cannot. Buffers
+    on other ports (other jobs') stay. Call only once those launches have ended."""
     prefix = f"deepspeed_allreduce_buffer_{os.getuid()}_"
     for path in SHARED_MEMORY.glob(f"{prefix}*"):
         parts = path.name[len(prefix):].rsplit("_", 2)  # [master addr, master port, local rank]

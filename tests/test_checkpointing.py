@@ -97,3 +97,60 @@ def test_a_resumed_run_drops_the_metrics_rows_after_its_checkpoint(tmp_path):
     assert rows(log) == [1, 2, 3, 4, 5, 6, 7]
     MetricsLog(tmp_path, start_step=0)
     assert log.read_text() == "", "a run started over (resume=none in the same folder) starts its log over"
+
+
+def test_a_run_sets_aside_the_tags_after_its_start_so_pruning_keeps_its_own(tmp_path):
+    """Resumed from step 100 past a damaged step 200: step 200 is renamed, no longer a tag; the run's step 150 then
+    survives pruning (by name, 200 would have stayed the newest and 150 been deleted with keep_last=1)."""
+    good, damaged = tag(tmp_path, 100), tag(tmp_path, 200)
+    (damaged / "rank0.pt").write_bytes(b"x")
+    assert checkpointing.resume_target(tmp_path, "auto", announce=False) == good
+    assert checkpointing.set_aside_newer(tmp_path, 100) == ["step00000200"]
+    assert (tmp_path / "step00000200.set-aside" / "rank0.pt").read_bytes() == b"x", "kept, renamed"
+    own = tag(tmp_path, 150)
+    checkpointing._prune(tmp_path, keep_last=1)
+    assert checkpointing.complete_tags(tmp_path) == [own] and checkpointing.latest(tmp_path) == own
+    assert (tmp_path / "step00000200.set-aside").is_dir()
+    # A fresh start (resume=none) in a used folder sets every tag aside.
+    assert checkpointing.set_aside_newer(tmp_path, 0) == ["step00000150"] and checkpointing.tags(tmp_path) == []
+
+
+def test_the_schedule_resumes_over_this_runs_horizon_not_the_saved_one():
+    """Loading the scheduler state puts the saved WarmupCosine's fields back (LambdaLR saves a callable object's
+    __dict__): a resumed run whose train.max_steps changed must decay over its own total."""
+    import torch
+
+    from higgs_ds.train.components import warmup_cosine
+    from higgs_ds.train.engine import Engine, WarmupCosine, set_schedule
+
+    def parts(total: int) -> Engine:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        factor = WarmupCosine(2, total, 0.1)
+        return Engine(None, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), factor, None, [])
+
+    saved, resumed = parts(10), parts(40)
+    resumed.schedule.load_state_dict(saved.schedule.state_dict())
+    assert resumed.lr_factor.total_steps == 10, "what loading does"
+    set_schedule(resumed, applied_steps=6, total_steps=40)
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(warmup_cosine(6, 2, 40, 0.1))
+    resumed.optimizer.step()
+    resumed.schedule.step()
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(warmup_cosine(7, 2, 40, 0.1))
+
+
+def test_runs_saved_by_earlier_versions_still_load_and_resume(tmp_path):
+    """OUT/config.json of a run from before model.leak_labels_for_tests was removed loads (the key dropped), and its
+    checkpoints' fingerprint is accepted: 977063432e8af0fe is what that version (128f7ab) computed for this config."""
+    from higgs_ds.train.config import RunConfig, fingerprint
+
+    config = RunConfig()
+    config.model.tokenizer, config.data.train, config.train.out_dir, config.train.deepspeed = "x", "y", "o", "d"
+    saved = config.to_dict()
+    saved["model"]["leak_labels_for_tests"] = False
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert RunConfig.from_saved(tmp_path) == config
+    assert fingerprint(config, as_saved_before=True) == "977063432e8af0fe" != fingerprint(config)
+    saved["model"]["no_such_key"] = 1  # anything else unknown is still an error
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(RunConfigError, match=r"config\.json: not a run's saved config \(Key 'no_such_key' not in"):
+        RunConfig.from_saved(tmp_path)

@@ -310,3 +310,31 @@ def test_liger_paths_fall_back_to_torch_for_zero_rows_and_predictions(monkeypatc
     calls = len(liger.ce_calls)
     out = model(**batch.model_inputs(), return_predictions=True)
     assert len(liger.ce_calls) == calls and out.text_predictions is not None
+
+
+def test_each_rank_pins_its_accelerator_before_any_collective(monkeypatch):
+    """On a GPU the stream's first all-reduce (the epoch's batch count) runs on the current device before
+    deepspeed.initialize sets it: runtime.pin_device makes it LOCAL_RANK's (stood in: no GPU here); the CPU is left
+    alone."""
+    import deepspeed
+
+    from higgs_ds.train import runtime
+
+    calls = []
+
+    class StandIn:
+        def __init__(self, name):
+            self.name = name
+
+        def device_name(self):
+            return self.name
+
+        def set_device(self, index):
+            calls.append(index)
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(deepspeed, "get_accelerator", lambda: StandIn("cuda"))
+    runtime.pin_device()
+    monkeypatch.setattr(deepspeed, "get_accelerator", lambda: StandIn("cpu"))
+    runtime.pin_device()
+    assert calls == [3]

@@ -175,7 +175,7 @@ def test_the_docs_cpu_commands_run_verbatim_in_order(tmp_path, readme_out_lock):
     assert lora[-1]["loss/total"] < lora[0]["loss/total"]
     for layout in ("port/model.safetensors", "boson/model.safetensors", "peft/adapter_model.safetensors"):
         assert (Path("/tmp/higgs-example-lora-export") / layout).exists(), layout
-    assert (Path("/tmp/higgs-example-base-port") / "model.safetensors").exists()
+    assert (Path("/tmp/higgs-example-lora-export") / "peft" / "base" / "model.safetensors").exists()
     assert python("python-load")[-1].split()[::2] == ["HiggsAudioV2ForConditionalGeneration", "4"]
 
     assert "/tmp/higgs-example-run" in bash("compare-commands")

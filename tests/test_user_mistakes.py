@@ -187,3 +187,25 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_stays
         assert shm_buffers(port) == []
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_the_interrupt_line_says_what_ended_the_run(monkeypatch):
+    """Ctrl-C, or SIGTERM (the launcher ends every rank when one fails; a cancelled job): the line says which, the
+    step, the checkpoint to continue from, or that there is none yet."""
+    from types import SimpleNamespace
+
+    from higgs_ds.train import runtime
+    from higgs_ds.train.config import RunConfig
+
+    config = RunConfig()
+    trainer = SimpleNamespace(step=7, last_checkpoint=Path("/runs/a/checkpoints/step00000006"))
+    monkeypatch.setattr(runtime._Interrupts, "seen", signal.SIGINT)
+    assert runtime.interrupted_line(trainer, config) == (
+        "interrupted at step 7: the last checkpoint is /runs/a/checkpoints/step00000006; continue from it with "
+        "train.resume=auto (the same command with train.resume=auto)")
+    monkeypatch.setattr(runtime._Interrupts, "seen", signal.SIGTERM)
+    config.train.resume = "auto"
+    assert runtime.interrupted_line(trainer, config).startswith(
+        "stopped by SIGTERM (a failed rank above, or the job was cancelled) at step 7: the last checkpoint is")
+    assert runtime.interrupted_line(SimpleNamespace(step=0, last_checkpoint=None), config).endswith(
+        "at step 0: no checkpoint was saved yet; the same command starts over")

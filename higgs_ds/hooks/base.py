@@ -22,8 +22,9 @@ class StepReport:
 
 @dataclass(frozen=True)
 class StopRequest:
-    """A hook asks every rank to stop after this step. `failed`: the run ends with an error (exit 3, `reason` as its
-    one line), e.g. a strict guard's alarm; else it ends normally (saved, evaluated) at this step."""
+    """A hook asks every rank to stop after this step. Either way the step is evaluated (with data.val) and saved;
+    `failed`: the run then ends with an error (exit 3, `reason` as its one line), e.g. a strict guard's alarm (the
+    checkpoint holds the weights the alarm was raised on: resume from an earlier one); else it ends normally."""
 
     reason: str
     failed: bool = False

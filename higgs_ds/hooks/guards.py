@@ -57,9 +57,11 @@ class CollapseGuard:
                       f"(step {report.step}): check the masking of its shards", file=sys.stderr, flush=True)
 
     def _alarm(self, step: int, why: str) -> None:
+        """A warning line (each kind once); with guards.strict the run's stop says it instead, as its error line."""
         message = f"COLLAPSE ALARM at step {step}: {why}"
-        if message.split(": ", 1)[1] not in [a.split(": ", 1)[1] for a in self.alarms]:
-            print(("error: " if self.config.strict else "warning: ") + message, file=sys.stderr, flush=True)
+        new = message.split(": ", 1)[1] not in [a.split(": ", 1)[1] for a in self.alarms]
+        if new and not self.config.strict:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
         self.alarms.append(message)
 
     def on_eval(self, step, metrics) -> None:

@@ -27,9 +27,9 @@ class TensorBoardHook:
         self.tokenizer = None
         self.marked = False
         if config.train.slice_every:
-            from transformers import AutoTokenizer
+            from ..vocabulary import load_tokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer)
+            self.tokenizer = load_tokenizer(config.model.tokenizer, "model.tokenizer")
 
     def on_start(self, step: int) -> None:
         """Called once before the first step (after a resume: the step it resumes at)."""

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import json
 import logging
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from ..data.shards import atomic_write
 from .config import RunConfigError
 
 COMPLETE = "COMPLETE"
+TAG = re.compile(r"step\d{8}")
 log = logging.getLogger("higgs_ds.train")
 
 
@@ -37,11 +39,32 @@ def tag_name(step: int) -> str:
     return f"step{step:08d}"
 
 
-def complete_tags(directory: Path) -> list[Path]:
-    """Complete checkpoint tags, oldest first."""
+def tags(directory: Path) -> list[Path]:
+    """The tag directories (stepNNNNNNNN, complete or not), oldest first."""
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if p.is_dir() and (p / COMPLETE).is_file())
+    return sorted(p for p in directory.iterdir() if p.is_dir() and TAG.fullmatch(p.name))
+
+
+def complete_tags(directory: Path) -> list[Path]:
+    """Complete checkpoint tags, oldest first."""
+    return [p for p in tags(directory) if (p / COMPLETE).is_file()]
+
+
+def set_aside_newer(directory: Path, step: int) -> list[str]:
+    """Rank 0, before a run's first save: the tags after `step`, where it starts, are renamed TAG.set-aside (kept, no
+    longer tags). They are a damaged checkpoint `resume=auto` skipped, or a future the run does not continue (an
+    explicit older `train.resume`, or `resume=none` in a used folder); pruning by name would otherwise keep them as
+    the newest and delete the run's own new checkpoints. Returns the names set aside."""
+    moved = []
+    for path in tags(directory):
+        if int(path.name[len("step"):]) > step:
+            target = path.with_name(f"{path.name}.set-aside")
+            if target.exists():
+                shutil.rmtree(target)
+            path.rename(target)
+            moved.append(path.name)
+    return moved
 
 
 def latest(directory: Path) -> Path | None:
@@ -56,38 +79,53 @@ def save(engine, directory: Path, step: int, rank_state: dict[str, Any], client:
          keep_last: int, adapters_only: bool = False) -> Path:
     """Every rank calls it. `rank_state` is this rank's (stream state, RNG); `client` is rank 0's. `adapters_only`
     (LoRA): the trained parameters and their optimizer state only, no frozen base weights. A write that fails on
-    any rank (a full disk) raises CheckpointError on every rank; the previous complete tag stays as it was."""
+    any rank (a full disk) raises CheckpointError on every rank at the same point; the previous complete tag stays
+    as it was. Every rank passes the same collectives whatever fails where: each stage ends in a vote."""
     import torch.distributed as dist
 
-    tag = tag_name(step)
-    path = directory / tag
-    if rank == 0 and path.exists():  # a crashed earlier attempt at this step: start it over
-        shutil.rmtree(path)
-    dist.barrier()
+    path = directory / tag_name(step)
     failure = None
+    if rank == 0:  # before DeepSpeed's own barriers, so that a failure here cannot put them out of step
+        try:
+            if path.exists():  # a crashed earlier attempt at this step: start it over
+                shutil.rmtree(path)
+            path.mkdir(parents=True)
+        except OSError as exc:
+            failure = exc
+    _stop_if_any(failure, engine.device, path, directory)
     try:
-        engine.save_checkpoint(str(directory), tag=tag, client_state={"step": step}, save_latest=False,
+        engine.save_checkpoint(str(directory), tag=path.name, client_state={"step": step}, save_latest=False,
                                exclude_frozen_parameters=adapters_only)
     except (OSError, RuntimeError) as exc:  # torch's zip writer reports a full disk as a RuntimeError
         failure = exc
-        # DeepSpeed (0.19.8) writes between two barriers: the other ranks wait in its closing one.
+        # DeepSpeed (0.19.8) writes between its tag check and a closing barrier: the other ranks wait in that one.
         dist.barrier()
     if failure is None:
         try:
             torch.save(rank_state, path / f"rank{rank}.pt")
         except (OSError, RuntimeError) as exc:
             failure = exc
-    failed = torch.tensor([float(failure is not None)], device=engine.device)  # NCCL reduces device tensors
-    dist.all_reduce(failed)  # every rank learns whether any write failed, and stops alike
+    _stop_if_any(failure, engine.device, path, directory)
+    if rank == 0:
+        try:
+            atomic_write(path / "client.json", json.dumps(client, indent=1, sort_keys=True).encode())
+            mark_complete(path)
+            _prune(directory, keep_last)
+        except OSError as exc:
+            failure = exc
+    _stop_if_any(failure, engine.device, path, directory)
+    return path
+
+
+def _stop_if_any(failure: BaseException | None, device, path: Path, directory: Path) -> None:
+    """A vote (one all-reduce): every rank raises CheckpointError if any rank's `failure` is set."""
+    import torch.distributed as dist
+
+    failed = torch.tensor([float(failure is not None)], device=device)  # NCCL reduces device tensors
+    dist.all_reduce(failed)
     if failed.item():
         reason = failure if failure is not None else RuntimeError("a write failed on another rank")
         raise CheckpointError(write_failure(path, reason, latest(directory)))
-    if rank == 0:
-        atomic_write(path / "client.json", json.dumps(client, indent=1, sort_keys=True).encode())
-        mark_complete(path)
-        _prune(directory, keep_last)
-    dist.barrier()
-    return path
 
 
 def write_failure(path: Path, exc: BaseException, previous: Path | None) -> str:
@@ -117,8 +155,8 @@ def _prune(directory: Path, keep_last: int) -> None:
     newest = complete[-1]
     for old in complete[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    for p in directory.iterdir():
-        if p.is_dir() and not (p / COMPLETE).exists() and p.name < newest.name:
+    for p in tags(directory):
+        if not (p / COMPLETE).exists() and p.name < newest.name:
             shutil.rmtree(p, ignore_errors=True)
 
 

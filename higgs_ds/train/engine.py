@@ -88,8 +88,10 @@ class WarmupCosine:
         return warmup_cosine(step, self.warmup_steps, self.total_steps, self.min_ratio)
 
 
-def set_schedule(engine: Engine, applied_steps: int) -> None:
-    """Put the schedule where `applied_steps` optimizer steps leave it (a skipped step does not advance it)."""
+def set_schedule(engine: Engine, applied_steps: int, total_steps: int) -> None:
+    """Put the schedule where `applied_steps` optimizer steps leave it (a skipped step does not advance it), over a
+    run of `total_steps`."""
+    engine.lr_factor.total_steps = total_steps
     lrs = [base * engine.lr_factor(applied_steps) for base in engine.schedule.base_lrs]
     for group, lr in zip(engine.optimizer.param_groups, lrs):
         group["lr"] = lr

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         result = evaluate(checkpointing.resolve(args.checkpoint), args.split, args.max_tokens)
-    except ValueError as exc:  # RunConfigError, VocabularyError, a checkpoint or split that does not fit
+    except (ValueError, OSError) as exc:  # RunConfigError, VocabularyError, a checkpoint or split that does not fit
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:

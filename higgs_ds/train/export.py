@@ -126,8 +126,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--layout", choices=("port", "boson", "both", "peft", "all"), default="both",
                         help="port = transformers' HiggsAudioV2ForConditionalGeneration; boson = upstream's (a LoRA "
                              "run's adapters merged into full weights); peft = a LoRA run's adapter alone in PEFT's "
-                             "format, for PeftModel.from_pretrained on the port (its base_model_name_or_path: model.pretrained, "
-                             "or a boson-layout one converted to PEFT_DIR/base); all = port, boson and peft")
+                             "format, for PeftModel.from_pretrained on the port (its base_model_name_or_path: "
+                             "model.pretrained, or a boson-layout one converted to PEFT_DIR/base); all = port, boson "
+                             "and peft")
     parser.add_argument("--tokenizer", type=Path, help="converting a model directory: its tokenizer (default: the "
                                                        "tokenizer files in that directory)")
     parser.add_argument("--max-shard-bytes", type=int, default=5 * 2**30, help="largest safetensors file written")

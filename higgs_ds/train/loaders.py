@@ -13,13 +13,13 @@ def make_collator(config: RunConfig, tokens: SpecialTokens, audio: AudioSettings
     return Collator(tokens, audio, layout=d.layout, round_to=d.round_to, pack_length=d.pack_length)
 
 
-def make_loader(config: RunConfig, collator: Collator, split: str, rank: int, world_size: int, train: bool,
-                agree_min=None) -> ShardLoader:
+def make_loader(config: RunConfig, collator: Collator, split: str, rank: int, world_size: int,
+                train: bool) -> ShardLoader:
     """Train: shuffled, `data.num_workers` workers, `train.epochs` epochs; val: in order, in this process, one."""
     d, t = config.data, config.train
     return ShardLoader(split, collator, rank=rank, world_size=world_size, num_workers=d.num_workers if train else 0,
                        seed=d.seed, max_tokens=d.max_tokens, batch_size=d.batch_size, shuffle=train and d.shuffle,
-                       shuffle_buffer=d.shuffle_buffer, num_epochs=t.epochs if train else 1, agree_min=agree_min)
+                       shuffle_buffer=d.shuffle_buffer, num_epochs=t.epochs if train else 1)
 
 
 def steps_left(config: RunConfig, loader: ShardLoader, step: int = 0) -> int:

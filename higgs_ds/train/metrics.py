@@ -4,6 +4,7 @@ are rank 0's own."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +90,7 @@ class MetricsLog:
     at (an interrupted run logged them before its last checkpoint was superseded), so no step appears twice."""
 
     def __init__(self, out_dir: str | Path, start_step: int):
-        self.path = Path(out_dir) / "metrics.jsonl"
+        self.path, self.failed = Path(out_dir) / "metrics.jsonl", False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             rows = self.path.read_text().splitlines(keepends=True)
@@ -98,8 +99,13 @@ class MetricsLog:
                 atomic_write(self.path, "".join(kept).encode())
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        try:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        except OSError as exc:  # a full disk: the next save stops every rank with its line; the step goes on
+            if not self.failed:
+                print(f"warning: cannot append to {self.path}: {exc}", file=sys.stderr, flush=True)
+            self.failed = True
 
 
 def _step_of(row: str) -> int | None:

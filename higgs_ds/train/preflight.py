@@ -75,7 +75,7 @@ def preflight(config: RunConfig, world_size: int, rank: int = 0, local_rank: int
                                                           config.train.resume, announce=rank == 0))
     if setup.resume_from is not None:
         saved = checkpointing.load_client(setup.resume_from)["fingerprint"]
-        if saved != fingerprint(config):
+        if saved not in (fingerprint(config), fingerprint(config, as_saved_before=True)):
             raise RunConfigError(f"train.resume {setup.resume_from}: saved by a run with another config (fingerprint "
                                  f"{saved} vs {fingerprint(config)}; only {', '.join(RESUMABLE)} may change)")
     if local_rank == 0:

@@ -37,13 +37,13 @@ class Interrupted(KeyboardInterrupt):
 
 
 class _Interrupts:
-    seen = False
+    seen: int | None = None  # the first signal
 
 
 def _interrupt(signum, frame):
     if _Interrupts.seen:  # the launcher's SIGTERM after Ctrl-C, or a second Ctrl-C: already on the way out
         return
-    _Interrupts.seen = True
+    _Interrupts.seen = signum
     # The launcher terminates our DataLoader workers too. Now that is expected: torch's SIGCHLD handler would report
     # it as a failure, and the threads that talk to the workers (multiprocessing's resource sharer) would print the
     # broken connection; rank 0's one line says what happened.
@@ -55,24 +55,34 @@ def _interrupt(signum, frame):
 
 def interrupted() -> bool:
     """This process has had its SIGINT/SIGTERM (calling this runs a pending handler first: it raises then)."""
-    return _Interrupts.seen
+    return _Interrupts.seen is not None
 
 
 def start_process_group() -> None:
     """deepspeed.init_distributed, with a busy rendezvous port named (two runs on one machine with the launcher's
     default port); then each rank unlinks its own CPU shared-memory all-reduce buffer."""
     import deepspeed
-    import torch.distributed as dist
 
+    pin_device()
     try:
         deepspeed.init_distributed()
-    except (RuntimeError, dist.DistError) as exc:
+    except RuntimeError as exc:
         if "EADDRINUSE" in str(exc) or "address already in use" in str(exc).lower():
             raise RunConfigError(f"the rendezvous port {os.environ.get('MASTER_PORT')} on "
                                  f"{os.environ.get('MASTER_ADDR')} is in use (another run on this machine?): choose a "
                                  "free one with --master_port") from None
         raise
     unlink_shared_memory()
+
+
+def pin_device() -> None:
+    """This rank's accelerator (LOCAL_RANK) as the current device before any collective: the stream agrees on its
+    batch count (an all-reduce on the current device) before deepspeed.initialize would set it."""
+    import deepspeed
+
+    accelerator = deepspeed.get_accelerator()
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def unlink_shared_memory() -> None:
@@ -92,14 +102,21 @@ def unlink_shared_memory() -> None:
 
 
 def rank0_hooks(config: RunConfig, setup: Setup, extra: list = ()) -> list:
+    """Rank 0's hooks, built before the process group: one that cannot start is one `error:` line."""
     from ..hooks import CollapseGuard, TensorBoardHook
 
-    hooks = [*extra, *(hook_class(spec)(config) for spec in config.train.hooks)]
+    hooks = list(extra)
+    builders = [(spec, lambda spec=spec: hook_class(spec)(config)) for spec in config.train.hooks]
     if config.train.tensorboard:
-        hooks.append(TensorBoardHook(config))
+        builders.append(("train.tensorboard", lambda: TensorBoardHook(config)))
     if config.guards.enabled:
-        audio = setup.model_config
-        hooks.append(CollapseGuard(config, audio.ids_per_codebook, audio.num_codebooks))
+        m = setup.model_config
+        builders.append(("guards", lambda: CollapseGuard(config, m.ids_per_codebook, m.num_codebooks)))
+    for name, build in builders:
+        try:
+            hooks.append(build())
+        except Exception as exc:  # noqa: BLE001 - a user's hook may raise anything
+            raise RunConfigError(f"{name}: the hook cannot start ({type(exc).__name__}: {exc})") from None
     return hooks
 
 
@@ -116,11 +133,12 @@ def run(config: RunConfig, dry: bool = False, hooks: list = (), world_size: int 
         print(f"{setup.masking}\nmemory: {report['memory_estimate']['summary']}", file=sys.stderr, flush=True)
         print(json.dumps(report, indent=1, default=str), flush=True)
         return 0
-    if this_rank() == 0:
-        print(setup.masking, flush=True)
-    start_process_group()
     rank0 = this_rank() == 0
-    trainer = Trainer(setup, Hooks(rank0_hooks(config, setup, list(hooks)) if rank0 else []))
+    if rank0:
+        print(setup.masking, flush=True)
+    rank0_only = rank0_hooks(config, setup, list(hooks)) if rank0 else []
+    start_process_group()
+    trainer = Trainer(setup, Hooks(rank0_only))
     out = Path(config.train.out_dir)
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
@@ -146,11 +164,14 @@ def run(config: RunConfig, dry: bool = False, hooks: list = (), world_size: int 
 
 
 def interrupted_line(trainer: Trainer, config: RunConfig) -> str:
+    # SIGTERM: the launcher ends every rank when one of them fails (its error is above), or the job was cancelled
+    how = ("interrupted" if _Interrupts.seen == signal.SIGINT else
+           "stopped by SIGTERM (a failed rank above, or the job was cancelled)")
     if trainer.last_checkpoint is None:
-        return f"interrupted at step {trainer.step}: no checkpoint was saved yet; the same command starts over"
+        return f"{how} at step {trainer.step}: no checkpoint was saved yet; the same command starts over"
     again = " (the same command with train.resume=auto)" if config.train.resume != "auto" else " (the same command)"
-    return (f"interrupted at step {trainer.step}: the last checkpoint is {trainer.last_checkpoint}; continue from it "
-            f"with train.resume=auto{again}")
+    return (f"{how} at step {trainer.step}: the last checkpoint is {trainer.last_checkpoint}; continue from it with "
+            f"train.resume=auto{again}")
 
 
 def parser():
@@ -180,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, _interrupt)
     hooks = sys.excepthook, threading.excepthook
-    _Interrupts.seen = False
+    _Interrupts.seen = None
     try:
         config = load_config(args.config, args.overrides)
         if args.world_size is not None and (not args.dry_run or args.world_size < 1):

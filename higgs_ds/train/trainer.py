@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -59,7 +60,7 @@ class Trainer:
         self.step = self.skipped_in_a_row = self.skipped_total = 0
         self.last_checkpoint = setup.resume_from
         self.timer, self.hooks_seconds = StepTimer(), 0.0  # hooks_seconds: rank 0's, in the previous step's hooks
-        self.trace = None
+        self.trace, self.tracing = None, t.trace_samples
         self.metrics_log: MetricsLog | None = None
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -90,8 +91,10 @@ class Trainer:
             own = states[min(self.rank, saved_world - 1)]
             self.loader.load_state_dict(own["stream"], [s["stream"] for s in states])
             if saved_world != self.world:  # the rest of the data makes another number of steps now
-                self.total_steps = self.parts.lr_factor.total_steps = steps_left(self.config, self.loader, self.step)
-            set_schedule(self.parts, int(client.get("schedule_steps", self.step)))
+                self.total_steps = steps_left(self.config, self.loader, self.step)
+            # The schedule's horizon is this run's (train.max_steps / epochs may have changed; loading the scheduler
+            # state put the saved one back), its position the applied steps'.
+            set_schedule(self.parts, int(client.get("schedule_steps", self.step)), self.total_steps)
             if self.rank < saved_world:
                 checkpointing.set_rng_state(states[self.rank], self.device)
             if self.rank == 0:
@@ -99,6 +102,9 @@ class Trainer:
                          f" (saved on {saved_world} ranks, running on {self.world}: universal checkpoint, the "
                          "epoch's remaining samples re-planned)")
         if self.rank == 0:
+            if moved := checkpointing.set_aside_newer(self.out / "checkpoints", self.step):
+                print(f"warning: checkpoints after step {self.step} are not this run's future and were renamed "
+                      f"*.set-aside in {self.out / 'checkpoints'}: {', '.join(moved)}", file=sys.stderr, flush=True)
             self.metrics_log = MetricsLog(self.out, self.step)
             self.hooks.on_start(self.step)
 
@@ -209,13 +215,17 @@ class Trainer:
         return step == 1 or any(step % e == 0 for e in every)
 
     def _trace(self, micro: int, batch: Batch) -> None:
-        if not self.config.train.trace_samples:
+        if not self.tracing:
             return
-        if self.trace is None:
-            (self.out / "trace").mkdir(parents=True, exist_ok=True)
-            self.trace = open(self.out / "trace" / f"rank{self.rank}.jsonl", "a")
-        self.trace.write(json.dumps({"step": self.step + 1, "micro": micro, "keys": batch.sample_keys}) + "\n")
-        self.trace.flush()
+        try:
+            if self.trace is None:
+                (self.out / "trace").mkdir(parents=True, exist_ok=True)
+                self.trace = open(self.out / "trace" / f"rank{self.rank}.jsonl", "a")
+            self.trace.write(json.dumps({"step": self.step + 1, "micro": micro, "keys": batch.sample_keys}) + "\n")
+            self.trace.flush()
+        except OSError as exc:  # a full disk: the next save stops every rank with its line; this rank goes on
+            print(f"warning: rank {self.rank} stops tracing samples: {exc}", file=sys.stderr, flush=True)
+            self.tracing = False
 
     def _metrics(self, totals: StepTotals, seconds: float, data_seconds: float, skipped: bool) -> dict[str, float]:
         metrics = step_metrics(totals, self.engine.module.loss_config, seconds)
