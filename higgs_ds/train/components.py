@@ -56,7 +56,7 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 
 
 def make_optimizer(groups: list[dict], optim, ds: dict, device_type: str) -> tuple[torch.optim.Optimizer, dict]:
-    """The optimizer for the run, and DeepSpeed JSON additions it needs. SGD (tests); AdamW as DeepSpeed's CPU Adam
+    """The optimizer for the run, and DeepSpeed JSON additions it needs. plain SGD; AdamW as DeepSpeed's CPU Adam
     when the optimizer is offloaded, DeepSpeed's FusedAdam on CUDA, else torch's AdamW (this CPU machine)."""
     from deepspeed.ops import adam
 

@@ -61,7 +61,7 @@ class DataSection:
 
 @dataclass
 class OptimSection:
-    name: str = "adamw"  # adamw | sgd (sgd: tests that check gradients through one step)
+    name: str = "adamw"  # adamw | sgd (plain SGD: a step anyone can check by hand)
     lr: float = 1e-5
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100
