@@ -6,7 +6,14 @@
 """
 import sys
 
-from higgs_ds.train import main
+
+def run() -> int:
+    # Imported here, not at the top: every DataLoader worker re-imports this script (they start from a
+    # forkserver, higgs_ds.data.stream.worker_context), and should not import the trainer's modules to do so.
+    from higgs_ds.train import main
+
+    return main()
+
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

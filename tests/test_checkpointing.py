@@ -105,14 +105,18 @@ def test_a_run_sets_aside_the_tags_after_its_start_so_pruning_keeps_its_own(tmp_
     good, damaged = tag(tmp_path, 100), tag(tmp_path, 200)
     (damaged / "rank0.pt").write_bytes(b"x")
     assert checkpointing.resume_target(tmp_path, "auto", announce=False) == good
-    assert checkpointing.set_aside_newer(tmp_path, 100) == ["step00000200"]
+    unfinished = tmp_path / "step00000300"
+    unfinished.mkdir()
+    (unfinished / "rank0.pt").write_bytes(b"y")  # a save that never reached COMPLETE
+    assert checkpointing.set_aside_newer(tmp_path, 100) == (["step00000200"], ["step00000300"])
     assert (tmp_path / "step00000200.set-aside" / "rank0.pt").read_bytes() == b"x", "kept, renamed"
+    assert not unfinished.exists(), "nothing in an unfinished save loads: removed, as pruning would"
     own = tag(tmp_path, 150)
     checkpointing._prune(tmp_path, keep_last=1)
     assert checkpointing.complete_tags(tmp_path) == [own] and checkpointing.latest(tmp_path) == own
     assert (tmp_path / "step00000200.set-aside").is_dir()
     # A fresh start (resume=none) in a used folder sets every tag aside.
-    assert checkpointing.set_aside_newer(tmp_path, 0) == ["step00000150"] and checkpointing.tags(tmp_path) == []
+    assert checkpointing.set_aside_newer(tmp_path, 0) == (["step00000150"], []) and checkpointing.tags(tmp_path) == []
 
 
 def test_the_schedule_resumes_over_this_runs_horizon_not_the_saved_one():

@@ -188,6 +188,82 @@ def test_ranks_and_workers_cover_the_epoch_once(split, samples, tokens, layout, 
     assert orders != first_epoch, "the order must change between epochs"
 
 
+def _children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+            for c in (task / "children").read_text().split()]
+
+
+def test_workers_are_never_forked_from_the_training_process(split, tokens):
+    """Forking a process that has threads can hang the child before it runs any code (CPython < 3.11.8,
+    gh-112275; seen in CI as a rank waiting forever for its batch). The workers fork from a forkserver instead:
+    while a batch is in hand, the only child of this process is that server, and the workers are its children."""
+    import os
+
+    loader = ShardLoader(split, Collator(tokens, AUDIO), world_size=1, num_workers=2, seed=3, max_tokens=600)
+    for epoch in range(2):  # every epoch's workers are new processes
+        batches = iter(loader)
+        first = next(batches)
+        commands = {c: Path(f"/proc/{c}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                    for c in _children(os.getpid())}
+        children = [c for c, command in commands.items() if "multiprocessing.resource_tracker" not in command]
+        assert len(children) == 1 and "multiprocessing.forkserver" in commands[children[0]], commands
+        assert len(_children(children[0])) == 2, "the epoch's two workers are the server's children"
+        assert [first, *batches] and loader.epoch == epoch + 1
+
+
+def test_workers_and_their_server_end_when_the_process_they_feed_is_killed(split):
+    """A rank killed with SIGKILL (a crash, the launcher's kill) leaves no worker behind: an orphan worker would
+    hold the job's stdout open, and the launcher's caller would wait forever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (f"from higgs_ds.data.collator import Collator\nfrom higgs_ds.data.shards import Manifest\n"
+              f"from higgs_ds.data.stream import ShardLoader\nimport time\n"
+              f"m = Manifest.load({str(split)!r})\n"
+              f"loader = ShardLoader({str(split)!r}, Collator(m.tokens, m.audio), world_size=1, num_workers=2, "
+              f"max_tokens=600)\nbatches = iter(loader)\nnext(batches)\nprint('ready', flush=True)\ntime.sleep(600)\n")
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        server = [c for c in _children(process.pid)
+                  if b"multiprocessing.forkserver" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(server) == 1
+        left = [server[0], *_children(server[0])]
+        assert len(left) == 3, "the server and the two workers"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        deadline = time.monotonic() + 20
+        while (left := [pid for pid in left if Path(f"/proc/{pid}").exists()
+                        and "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]]):
+            assert time.monotonic() < deadline, f"still running 20 s after the kill: {left}"
+            time.sleep(0.2)
+        assert process.stdout.read() == "", "nothing holds the output open"
+    finally:
+        process.kill()
+
+
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
+def test_a_workers_watch_ends_it_when_its_owner_exits_not_before(monkeypatch, pidfd):
+    import os
+    import subprocess
+    import threading
+
+    from higgs_ds.data import stream
+
+    exited = threading.Event()
+    monkeypatch.setattr(os, "_exit", lambda code: exited.set())
+    if not pidfd:
+        monkeypatch.setattr(os, "pidfd_open", lambda pid: (_ for _ in ()).throw(OSError(38, "ENOSYS")))
+    owner = subprocess.Popen(["sleep", "2"])
+    stream._exit_with(owner.pid, worker_id=0)
+    assert not exited.wait(1.0), "the owner is alive"
+    owner.wait()
+    assert exited.wait(5.0), "the owner has exited"
+
+
 def test_too_long_samples_are_left_out_and_counted(split, samples, tokens):
     collator = Collator(tokens, AUDIO)
     lengths = np.array([s.num_expanded_tokens(AUDIO) for s in samples])

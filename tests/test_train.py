@@ -74,8 +74,9 @@ def test_a_crash_during_the_save_leaves_the_previous_checkpoint(corpus, referenc
     ref, got = losses(ref_out), losses(out)
     for step in range(3, 8):
         assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-6), (step, got, ref)
+    assert "removed unfinished checkpoint saves after step 2: step00000004" in output
     tags = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
-    assert tags == ["step00000006", "step00000007"], "step 4 was saved again, then pruned with keep_last=2"
+    assert tags == ["step00000006", "step00000007"], "the unfinished step 4 removed, saved again, pruned (keep_last=2)"
     rows = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows == list(range(1, 8)), "steps 3-4, logged before the crash, are in metrics.jsonl once"
     # TensorBoard: the crashed run had logged steps 3-4 before resuming from step 2; the resumed one purged them.

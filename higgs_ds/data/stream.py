@@ -17,6 +17,8 @@ import functools
 import hashlib
 import json
 import logging
+import os
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -243,6 +245,7 @@ class ShardLoader:
             raise ValueError(f"{self.manifest.path}: the collator's special tokens/audio settings differ from the "
                              "shards' (built for another tokenizer or model config)")
         self.collator, self.num_workers, self.workers = collator, num_workers, max(1, num_workers)
+        self._context = worker_context() if num_workers else None
         self.seed, self.shuffle, self.shuffle_buffer, self.num_epochs = seed, shuffle, shuffle_buffer, num_epochs
         self.budget = Budget(max_tokens, batch_size, collator.layout, collator.round_to, collator.pack_length)
         self.lengths = ShardLengths([s.samples for s in self.manifest.shards],
@@ -303,7 +306,9 @@ class ShardLoader:
             # A generator of its own: DataLoader would otherwise draw its workers' base seed from the global RNG on
             # every iter(), so a run resumed mid-epoch would see other dropout masks than an uninterrupted one.
             loader = DataLoader(rank_epoch, batch_size=None, collate_fn=_identity, num_workers=self.num_workers,
-                                generator=torch.Generator().manual_seed(self.seed))
+                                generator=torch.Generator().manual_seed(self.seed),
+                                multiprocessing_context=self._context,
+                                worker_init_fn=functools.partial(_exit_with, os.getpid()) if self.num_workers else None)
             for batch, report in loader:
                 self._counts.update(report["counts"])
                 for message in report["messages"]:
@@ -372,6 +377,63 @@ class ShardLoader:
             self.position, self._counts = 0, Counter()
         self._excluded = (self.epoch, np.unique(np.array(excluded, dtype=np.int64))) if excluded else None
         self._plan = None
+
+
+def worker_context():
+    """The multiprocessing context of the DataLoader workers: a forkserver, so that no worker is fork()ed from the
+    training process itself. That process has threads (DeepSpeed's and gloo's, TensorBoard's writer, the last
+    epoch's queue feeders), and before CPython 3.11.8 (gh-112275) a child forked while another thread holds the
+    interpreter's HEAD_LOCK hangs in PyOS_AfterFork_Child before it runs any of our code. Seen in this project's
+    CI on rank 0 at an epoch boundary: the worker stuck there, the rank waiting for its batch, the other rank in
+    the next all-reduce until gloo's 10-minute timeout. The server is a fresh single-threaded process (started
+    once per process, by fork+exec); each epoch's workers fork from it.
+
+    As with spawn, a worker re-imports the main script as `__mp_main__`: guard its work with
+    `if __name__ == "__main__"`. The server preloads this module and the modules the main script's names come
+    from, so that a worker imports nothing heavy itself."""
+    import inspect
+    import multiprocessing
+    import multiprocessing.forkserver
+    import sys
+
+    main = vars(sys.modules.get("__main__", sys))
+    used = {value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+            for value in main.values()}
+    preload = [__name__, *sorted(name for name in used if isinstance(name, str) and name in sys.modules
+                                 and name not in ("__main__", "builtins"))]
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(preload)  # read once, when the server starts
+    multiprocessing.forkserver.ensure_running()
+    return context
+
+
+def _exit_with(owner: int, worker_id: int) -> None:
+    """A worker's watch on the process that iterates its DataLoader. torch's own watch compares the worker's
+    parent pid, which for a forkserver's child is the server, and the server lives as long as any worker does
+    (each holds its alive pipe): without this a worker outlived a SIGKILLed rank and held the job's output open."""
+    import select
+    import threading
+
+    def watch():
+        try:
+            fd = os.pidfd_open(owner)  # readable once the owner has exited
+            select.select([fd], [], [])
+        except ProcessLookupError:
+            pass  # already gone
+        except OSError:  # no pidfd (Linux < 5.3): poll
+            while _alive(owner):
+                time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-owner", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _identity(item):

@@ -51,20 +51,26 @@ def complete_tags(directory: Path) -> list[Path]:
     return [p for p in tags(directory) if (p / COMPLETE).is_file()]
 
 
-def set_aside_newer(directory: Path, step: int) -> list[str]:
-    """Rank 0, before a run's first save: the tags after `step`, where it starts, are renamed TAG.set-aside (kept, no
-    longer tags). They are a damaged checkpoint `resume=auto` skipped, or a future the run does not continue (an
-    explicit older `train.resume`, or `resume=none` in a used folder); pruning by name would otherwise keep them as
-    the newest and delete the run's own new checkpoints. Returns the names set aside."""
-    moved = []
+def set_aside_newer(directory: Path, step: int) -> tuple[list[str], list[str]]:
+    """Rank 0, before a run's first save: the tags after `step`, where it starts, stop being tags. A complete one is
+    renamed TAG.set-aside (kept): a damaged checkpoint `resume=auto` skipped, or a future the run does not continue
+    (an explicit older `train.resume`, or `resume=none` in a used folder). An incomplete one (its save never
+    finished; nothing in it can be loaded) is removed, as pruning removes incomplete tags. Pruning by name would
+    otherwise keep them as the newest and delete the run's own new checkpoints. Returns (set aside, removed)."""
+    moved, removed = [], []
     for path in tags(directory):
-        if int(path.name[len("step"):]) > step:
-            target = path.with_name(f"{path.name}.set-aside")
-            if target.exists():
-                shutil.rmtree(target)
-            path.rename(target)
-            moved.append(path.name)
-    return moved
+        if int(path.name[len("step"):]) <= step:
+            continue
+        if not (path / COMPLETE).is_file():
+            shutil.rmtree(path)
+            removed.append(path.name)
+            continue
+        target = path.with_name(f"{path.name}.set-aside")
+        if target.exists():
+            shutil.rmtree(target)
+        path.rename(target)
+        moved.append(path.name)
+    return moved, removed
 
 
 def latest(directory: Path) -> Path | None:

@@ -102,9 +102,12 @@ class Trainer:
                          f" (saved on {saved_world} ranks, running on {self.world}: universal checkpoint, the "
                          "epoch's remaining samples re-planned)")
         if self.rank == 0:
-            if moved := checkpointing.set_aside_newer(self.out / "checkpoints", self.step):
+            moved, removed = checkpointing.set_aside_newer(self.out / "checkpoints", self.step)
+            if moved:
                 print(f"warning: checkpoints after step {self.step} are not this run's future and were renamed "
                       f"*.set-aside in {self.out / 'checkpoints'}: {', '.join(moved)}", file=sys.stderr, flush=True)
+            if removed:
+                log.info("removed unfinished checkpoint saves after step %d: %s", self.step, ", ".join(removed))
             self.metrics_log = MetricsLog(self.out, self.step)
             self.hooks.on_start(self.step)
 
