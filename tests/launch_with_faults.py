@@ -8,6 +8,7 @@ The faults (a JSON object in the environment variable HIGGS_DS_FAULTS, which the
   hang_after_save: s       after step s's save each rank writes OUT/saved.rank{r} and sleeps (the test kills -9)
   dump_weights: path       after training, every parameter (frozen ones too) gathered into one safetensors file
   leak_labels: true        the classic bug: the loss compares the logits at t with the labels at t (no shift)
+  leak_text_labels: true   the same bug for the text loss only (the audio loss stays shifted)
 The product holds none of these: each is a patch of a function the trainer calls."""
 from __future__ import annotations
 
@@ -65,10 +66,14 @@ def plant(faults: dict) -> None:
             return result
 
         Trainer.train = train_then_dump
-    if faults.get("leak_labels"):
-        def unshifted(label_ids, audio_out_labels, index):
-            return Targets(text=label_ids.flatten()[index.text_target_positions],
-                           audio=audio_out_labels[:, index.audio_target_frames].T)
+    if faults.get("leak_labels") or faults.get("leak_text_labels"):
+        shifted = modeling.next_token_targets
+
+        def unshifted(label_ids, audio_out_labels, index, text_only=bool(faults.get("leak_text_labels"))):
+            text = label_ids.flatten()[index.text_target_positions]
+            if text_only:
+                return Targets(text=text, audio=shifted(label_ids, audio_out_labels, index).audio)
+            return Targets(text=text, audio=audio_out_labels[:, index.audio_target_frames].T)
 
         modeling.next_token_targets = unshifted
 

@@ -255,7 +255,7 @@ def test_short_demo_ends_between_the_floor_and_uniform(demo):
     run = Path(result["run"])
     assert (run / "export" / "port" / "model.safetensors").exists()
     assert (run / "export" / "boson" / "model.safetensors").exists()
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run / "tensorboard" / "train").glob("events.out.tfevents.*"))
     assert f"tensorboard --logdir {run / 'tensorboard'}" in done.stdout
     assert f"step {STEPS}/{STEPS} loss" in done.stdout, "progress shown"
     assert "data: generating" in done.stdout and "shards: building" in done.stdout

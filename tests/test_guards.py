@@ -114,3 +114,51 @@ def test_a_hook_answering_stop_requested_with_anything_but_a_stop_request_is_swi
     assert capsys.readouterr().err.splitlines() == [
         "error: hook Legacy failed at step 3 and is switched off: TypeError: stop_requested() returned True, not a "
         "StopRequest or None"]
+
+
+def text_rows(tokens: list[int], shifted: bool, predictions: str = "random") -> dict:
+    """The logged text rows of one reply as the model hands them over: the input ids, each row's position, its
+    label (the next token; unshifted: the token itself) and a prediction (random, or a copy of the input)."""
+    ids = torch.tensor([tokens])
+    positions = torch.arange(len(tokens) - 1)
+    inputs = ids.flatten()[positions]
+    labels = ids.flatten()[positions + 1] if shifted else inputs
+    predicted = inputs if predictions == "copy" else torch.randint(0, 400, (len(positions),),
+                                                                   generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "text_positions": positions, "text_labels": labels, "text_predictions": predicted}
+
+
+@pytest.fixture(scope="module")
+def repetitive_reply(tokenizer) -> list[int]:
+    """A reply that repeats one token 100 times ('!!!!…'), between its header's last token and <|eot_id|>: the
+    most label-equals-input text we measured (98 %); a correct loss must not raise the alarm on it."""
+    header = tokenizer.convert_tokens_to_ids("<|end_header_id|>")
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    return [header, *tokenizer("!" * 100, add_special_tokens=False)["input_ids"], eot]
+
+
+def test_a_text_only_unshifted_loss_raises_the_alarm_and_repetitive_text_does_not(repetitive_reply):
+    shifted = text_rows(repetitive_reply, shifted=True)
+    inputs = shifted["input_ids"].flatten()[shifted["text_positions"]]
+    share = float((shifted["text_labels"] == inputs).float().mean())
+    assert 0.95 < share < 0.99, share
+    quiet = guard()
+    step = report(predictions=shifted)
+    quiet.on_step(step)
+    assert quiet.alarms == step.alarms == []
+    leaking, step = guard(), report(step=1, predictions=text_rows(repetitive_reply, shifted=False))
+    leaking.on_step(step)
+    assert leaking.alarms == step.alarms == [
+        "COLLAPSE ALARM at step 1: 100% of the text labels equal their own input token: the loss is not shifted "
+        "(labels must be the next token)"]
+
+
+def test_text_predictions_copying_their_input_raise_the_alarm(tokenizer):
+    tokens = tokenizer("the quick brown fox jumps over the lazy dog", add_special_tokens=False)["input_ids"]
+    copying, step = guard(), report(predictions=text_rows(tokens, shifted=True, predictions="copy"))
+    copying.on_step(step)
+    assert len(step.alarms) == 1 and "text predictions equal their input token 100% of the time, the labels only " \
+                                     "0%: the model copies its input" in step.alarms[0]
+    honest = guard()
+    honest.on_step(report(predictions=text_rows(tokens, shifted=True)))
+    assert honest.alarms == []

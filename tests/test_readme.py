@@ -180,19 +180,20 @@ def test_the_docs_cpu_commands_run_verbatim_in_order(tmp_path, readme_out_lock):
 
     assert "/tmp/higgs-example-run" in bash("compare-commands")
 
-    # TensorBoard, as the docs open it, on the example run: it serves the run's scalars.
+    # TensorBoard, as the docs open it, on the example run: it serves train and eval as two runs that share the
+    # loss tags (drawn as two lines of one chart).
     command = code("tensorboard").split("#")[0].replace("OUT", "/tmp/higgs-example-run").strip()
     server = processes.start(["bash", "-c", f"exec {command}"], cwd=root, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
         deadline, tags = time.time() + 120, {}
-        while time.time() < deadline and "loss/audio" not in json.dumps(tags):
+        while time.time() < deadline and not all("loss/audio" in tags.get(run, {}) for run in ("train", "eval")):
             time.sleep(1)
             try:
                 tags = json.load(urllib.request.urlopen("http://localhost:6006/data/plugin/scalars/tags", timeout=5))
             except OSError:
                 pass
-        assert "loss/audio" in json.dumps(tags), tags
+        assert set(tags) == {"train", "eval"} and "loss/audio" in tags["train"] and "loss/audio" in tags["eval"], tags
     finally:
         processes.kill_group(server)
 

@@ -52,7 +52,8 @@ def test_two_rank_zero3_run_trains_evaluates_and_saves(reference):
     tags = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
     assert tags == ["step00000006", "step00000007"], "keep_last=2 complete tags"
     assert all((out / "checkpoints" / tag / "COMPLETE").exists() for tag in tags)
-    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1, "hooks run on rank 0 only"
+    events = sorted(p.relative_to(out).parent.name for p in (out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events == ["eval", "train"], "hooks run on rank 0 only: one event file per run folder"
     # Each epoch sees a sample at most once, and the last epoch drops none (its short slot ends with a blank).
     keys = [k for k in consumed(out, range(1, 8)) if k != "<blank>"]
     assert len(set(keys)) == 80 and max(keys.count(k) for k in set(keys)) == 2 and len(keys) >= 150
@@ -82,7 +83,7 @@ def test_a_crash_during_the_save_leaves_the_previous_checkpoint(corpus, referenc
     # TensorBoard: the crashed run had logged steps 3-4 before resuming from step 2; the resumed one purged them.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(out / "tensorboard" / "train"), size_guidance={"scalars": 0})
     events.Reload()
     logged = [(e.step, e.value) for e in events.Scalars("loss/total")]
     assert [step for step, _ in logged] == list(range(1, 8)), "every step once"
@@ -607,7 +608,7 @@ def test_tensorboard_events_hold_every_step_value(reference, corpus, tokens):
     assert sorted(scalars["eval/total"]) == [3, 6, 7], "train.eval_every=3, and at the end"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0})
+    events = EventAccumulator(str(out / "tensorboard" / "train"), size_guidance={"tensors": 0})
     events.Reload()
     texts = set(events.Tags()["tensors"])
     assert {"config/text_summary", "slices/text/text_summary", "slices/audio/text_summary",
@@ -699,20 +700,31 @@ def test_a_skipped_step_then_kill_9_then_resume_continues_exactly_and_too_many_i
 
 @pytest.mark.slow
 def test_a_leaking_setup_trips_the_collapse_alarm_and_a_correct_run_does_not(corpus, reference, tmp_path):
-    """The planted bug (unshifted labels: the model learns to copy its input) stops a strict run within a few steps
-    with the alarm's reason; the reference run on the same data raised no alarm."""
-    _, _, reference_output = reference
+    """The planted bug (unshifted labels: the model learns to copy its input), in both losses or in the text loss
+    alone, stops a strict run at step 1 with the alarm's reason, which TensorBoard holds at that step (text and
+    count); the reference run on the same data raised no alarm."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, ref_out, reference_output = reference
     assert "COLLAPSE ALARM" not in reference_output
-    out = tmp_path / "run"
-    config = base_config(corpus, out)
+    events = EventAccumulator(str(ref_out / "tensorboard" / "train"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert {e.value for e in events.Scalars("problems/alarms")} == {0.0}
+    config = base_config(corpus, tmp_path / "run")
     config["guards"] = {"strict": True}
     config = write_yaml(tmp_path / "run.yaml", **config)
-    code, output = launch(config, faults={"leak_labels": True})
-    assert code == 3, output[-3000:]
-    alarm = "error: COLLAPSE ALARM at step 1: 100% of the audio labels equal their own input frame"
-    assert output.count(alarm) == 1 and output.count("error: ") == 1, "the run's one-line stop message"
-    assert len(losses(out)) <= 2, "stopped within a few steps"
-
+    for fault, modality, unit in (("leak_labels", "audio", "frame"), ("leak_text_labels", "text", "token")):
+        out = tmp_path / fault
+        code, output = launch(config, f"train.out_dir={out}", faults={fault: True})
+        assert code == 3, output[-3000:]
+        alarm = f"COLLAPSE ALARM at step 1: 100% of the {modality} labels equal their own input {unit}"
+        assert output.count(f"error: {alarm}") == 1 and output.count("error: ") == 1, "the run's one-line stop"
+        assert len(losses(out)) == 1, "stopped at step 1"
+        events = EventAccumulator(str(out / "tensorboard" / "train"), size_guidance={"scalars": 0, "tensors": 0})
+        events.Reload()
+        assert [(e.step, e.value) for e in events.Scalars("problems/alarms")] == [(1, 1.0)]
+        (entry,) = events.Tensors("problems/alarm/text_summary")
+        assert entry.step == 1 and alarm in entry.tensor_proto.string_val[0].decode(), "written before the stop"
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ instead of taking every rank down."""
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -18,6 +19,9 @@ class StepReport:
     rank_learnable: list[list[int]]  # per rank: [text, audio codebook 0..K-1] learnable tokens this step
     predictions: dict[str, Any] | None = None  # rank 0's last micro-batch: model predictions, labels, sample keys
     stream: dict[str, int] = field(default_factory=dict)  # the stream's counters summed over ranks; epoch, position
+    # This step's alarms, one line each: a skipped step (the trainer), a guard's alarm, a hook switched off (the
+    # runner). Hooks append to it; the ones after them (TensorBoard runs last) record them.
+    alarms: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,8 @@ class StepHook(Protocol):
     def on_step(self, report: StepReport) -> None: ...
     def on_eval(self, step: int, metrics: dict[str, float]) -> None: ...
     def stop_requested(self) -> StopRequest | None: ...
-    # Optional: on_start(step) before the first step (after a resume: the step it resumes at), close() at the end.
+    # Optional: on_start(step) before the first step (after a resume: the step it resumes at); after_step(step,
+    # metrics) once every hook's on_step has run, with what only then is known (time/hooks_s); close() at the end.
 
 
 class Hooks:
@@ -46,7 +51,7 @@ class Hooks:
     def __bool__(self) -> bool:
         return bool(self.hooks)
 
-    def _call(self, method: str, where: str, *args) -> None:
+    def _call(self, method: str, where: str, *args, alarms: list[str] | None = None) -> None:
         for hook in list(self.hooks):
             try:
                 if method == "stop_requested":  # collects the answers into args[0]
@@ -57,19 +62,27 @@ class Hooks:
                 else:
                     getattr(hook, method, lambda *a: None)(*args)
             except Exception as exc:  # noqa: BLE001 - a broken hook must not take the run (and every rank) down
-                print(f"error: hook {type(hook).__name__} failed {where} and is switched off: "
-                      f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                line = (f"hook {type(hook).__name__} failed {where} and is switched off: "
+                        f"{type(exc).__name__}: {exc}")
+                print(f"error: {line}", file=sys.stderr, flush=True)
                 self.hooks.remove(hook)
+                if alarms is not None:
+                    alarms.append(line)
 
     def on_start(self, step: int) -> None:
         self._call("on_start", "at the start", step)
 
     def on_step(self, report: StepReport) -> StopRequest | None:
-        """Every hook's on_step, then the first stop request (a failing one before a plain one)."""
+        """Every hook's on_step, then the first stop request (a failing one before a plain one), then every hook's
+        after_step with `time/hooks_s`: the seconds the hooks took at this step (added to report.metrics)."""
+        started = time.perf_counter()
         where = f"at step {report.step}"
-        self._call("on_step", where, report)
+        self._call("on_step", where, report, alarms=report.alarms)
         requests: list[StopRequest] = []
         self._call("stop_requested", where, requests)
+        late = {"time/hooks_s": time.perf_counter() - started}
+        report.metrics.update(late)
+        self._call("after_step", where, report.step, late)
         return next((r for r in requests if r.failed), requests[0] if requests else None)
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:

@@ -137,7 +137,7 @@ def masking_summary(config: RunConfig, vocabulary: Vocabulary, names: list[str],
                              "start_index and the roles of the data")
     rows = learnable_share_rows(stats, manifest.audio.num_codebooks)
     return (f"masking over the first {read} samples of {config.data.train}:\n"
-            + table(("role", "modality", "positions", "learnable", "share"), rows, right=(2, 3, 4)))
+            + table(("role", "modality", "positions", "labels (per codebook)", "share"), rows, right=(2, 3, 4)))
 
 
 def hook_class(spec: str):

@@ -105,13 +105,15 @@ def rank0_hooks(config: RunConfig, setup: Setup, extra: list = ()) -> list:
     """Rank 0's hooks, built before the process group: one that cannot start is one `error:` line."""
     from ..hooks import CollapseGuard, TensorBoardHook
 
-    hooks = list(extra)
-    builders = [(spec, lambda spec=spec: hook_class(spec)(config)) for spec in config.train.hooks]
-    if config.train.tensorboard:
-        builders.append(("train.tensorboard", lambda: TensorBoardHook(config)))
+    # The order they run in: the guards first and TensorBoard last, so that it records every alarm of the step.
+    m, builders = setup.model_config, []
     if config.guards.enabled:
-        m = setup.model_config
         builders.append(("guards", lambda: CollapseGuard(config, m.ids_per_codebook, m.num_codebooks)))
+    builders += [("", lambda hook=hook: hook) for hook in extra]
+    builders += [(spec, lambda spec=spec: hook_class(spec)(config)) for spec in config.train.hooks]
+    if config.train.tensorboard:
+        builders.append(("train.tensorboard", lambda: TensorBoardHook(config, m.num_codebooks)))
+    hooks = []
     for name, build in builders:
         try:
             hooks.append(build())

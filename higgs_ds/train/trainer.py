@@ -59,7 +59,7 @@ class Trainer:
         self.out = Path(t.out_dir)
         self.step = self.skipped_in_a_row = self.skipped_total = 0
         self.last_checkpoint = setup.resume_from
-        self.timer, self.hooks_seconds = StepTimer(), 0.0  # hooks_seconds: rank 0's, in the previous step's hooks
+        self.timer = StepTimer()
         self.trace, self.tracing = None, t.trace_samples
         self.metrics_log: MetricsLog | None = None
 
@@ -235,8 +235,7 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         metrics.update({"memory/peak_rss_gib": peak_rss_gib(), "lr": float(self.parts.schedule.get_last_lr()[0]),
                         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                        **self.timer.metrics(seconds, data_seconds, self.total_steps - self.step),
-                        "time/hooks_s": self.hooks_seconds})  # of the previous step (its hooks ran after)
+                        **self.timer.metrics(seconds, data_seconds, self.total_steps - self.step)})
         if self.device.type == "cuda":
             metrics["memory/peak_gpu_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         metrics.update({"train/step_skipped": float(skipped), "train/skipped_steps": float(self.skipped_total)})
@@ -245,16 +244,15 @@ class Trainer:
     def _report(self, metrics: dict, everyone: torch.Tensor, predictions: dict | None, skipped: bool,
                 stream: dict[str, int]) -> StopRequest | None:
         """Rank 0: the step line, metrics.jsonl, the hooks; their stop request."""
+        report = StepReport(self.step, self.total_steps, metrics, everyone.tolist(), predictions, stream)
         if skipped:
-            log.warning("step %d skipped: non-finite loss or gradient (loss %s); %d in a row", self.step,
-                        metrics["loss/total"], self.skipped_in_a_row)
+            report.alarms.append(f"step {self.step} skipped: non-finite loss or gradient (loss "
+                                 f"{metrics['loss/total']}); {self.skipped_in_a_row} in a row")
+            log.warning(report.alarms[-1])
         if self.step % self.config.train.log_every == 0 or self.step == self.total_steps:
             print(step_line(self.step, self.total_steps, metrics), flush=True)
+        stop = self.hooks.on_step(report)  # adds time/hooks_s, this step's
         self.metrics_log.write(self.step, metrics)
-        started = time.perf_counter()
-        stop = self.hooks.on_step(StepReport(self.step, self.total_steps, metrics, everyone.tolist(), predictions,
-                                             stream))
-        self.hooks_seconds = time.perf_counter() - started  # reported with the next step
         return stop
 
     def _broadcast_stop(self, stop: StopRequest | None) -> StopRequest | None:
