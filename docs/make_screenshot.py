@@ -1,4 +1,5 @@
-"""Screenshot TensorBoard of a finished run for the README: its loss curves above a prediction/label slice."""
+"""Screenshot TensorBoard of a finished run for the docs: the first screen a user gets (the Time Series view as it
+opens, nothing chosen), above a prediction/label slice. --check only checks that first screen shows the loss charts."""
 import argparse
 import base64
 import io
@@ -12,10 +13,13 @@ import urllib.request
 from pathlib import Path
 
 CHROMIUM = "/usr/bin/chromium"
-# Legacy dashboards, whose URL selects the tags (Time Series, the default, takes no filter from it). (hash, viewport
-# height) at 1600 pixels wide: two rows of three charts; then both slice boxes (they scroll inside, so fixed size).
-PAGES = [("#scalars&_smoothingWeight=0&tagFilter=%5E(loss%7Ceval)%2F(text%7Caudio%7Ctotal)%24", 770),
-         ("#text&tagFilter=slices%2F", 1310)]
+# (hash, viewport height) at 1600 pixels wide: the default view, as it opens; then the Text dashboard's slices (they
+# scroll inside their boxes, so a fixed size).
+PAGES = [("", 900), ("#text&tagFilter=slices%2F", 1310)]
+FIRST_SCREEN = ("loss/text", "loss/audio")  # what the first screen must show
+# The Time Series cards drawn inside the window: their titles are tb-truncated-path elements of class "tag".
+VISIBLE_CARDS = ("JSON.stringify(Array.from(document.querySelectorAll('tb-truncated-path.tag'))"
+                 ".filter(e => e.getBoundingClientRect().top < window.innerHeight).map(e => e.textContent.trim()))")
 WIDTH = 1600
 
 
@@ -66,7 +70,7 @@ class Browser:
             self.proc.kill(), self.proc.wait()
 
 
-def wait_for_run(url: str, server: subprocess.Popen, log, timeout: float = 90):
+def wait_for_run(url: str, server: subprocess.Popen, log, slices: bool = True, timeout: float = 90):
     """Until TensorBoard answers and has read the run's loss scalars and slices (it loads event files lazily)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -76,7 +80,7 @@ def wait_for_run(url: str, server: subprocess.Popen, log, timeout: float = 90):
         try:
             scalars, texts = (urllib.request.urlopen(f"{url}/data/plugin/{plugin}/tags", timeout=5).read()
                               for plugin in ("scalars", "text"))
-            if b'"loss/' in scalars and b'"slices/' in texts:
+            if b'"loss/' in scalars and (b'"slices/' in texts or not slices):
                 return
         except OSError:
             pass
@@ -86,11 +90,14 @@ def wait_for_run(url: str, server: subprocess.Popen, log, timeout: float = 90):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__ + " Serves RUN_DIR/tensorboard on localhost, photographs "
-                                     "its Scalars (loss/ and eval/: text, audio, total) and Text (slices/) dashboards "
-                                     "with headless Chromium, stacks the two into one PNG and stops the server.")
+                                     "its default view and its Text dashboard (slices/) with headless Chromium, "
+                                     "stacks the two into one PNG and stops the server.")
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run's train.out_dir")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "images" / "tensorboard_demo.png",
                         help="the PNG to write (default: docs/images/tensorboard_demo.png beside this script)")
+    parser.add_argument("--check", action="store_true",
+                        help="no PNG: print the charts the first screen shows, exit 1 unless they include "
+                             f"{' and '.join(FIRST_SCREEN)} (default: off)")
     parser.add_argument("--port", type=int, default=6123, help="TensorBoard's port on localhost (default 6123)")
     parser.add_argument("--settle", type=float, default=4.0, help="seconds each page gets to draw (default 4)")
     args = parser.parse_args()
@@ -106,20 +113,29 @@ def main():
     log = tempfile.TemporaryFile()  # not a pipe: nobody reads it while the server runs, so a pipe could fill up
     server = subprocess.Popen([str(Path(sys.executable).parent / "tensorboard"), "--logdir", str(logdir),
                                "--host", "127.0.0.1", "--port", str(args.port)], stdout=log, stderr=log)
+    pages = PAGES[:1] if args.check else PAGES
     try:
-        wait_for_run(url, server, log)
+        wait_for_run(url, server, log, slices=not args.check)
         with tempfile.TemporaryDirectory() as profile:  # fresh profile: no settings or cache from earlier runs
             browser = Browser(profile)
             try:
                 browser.attach()
                 browser.shot(url + "/data/logdir", 1)  # the origin must be open to write its localStorage
                 browser.call("Runtime.evaluate", expression="localStorage.setItem('_ignoreYOutliers', 'false')")
-                shots = [Image.open(io.BytesIO(browser.shot(f"{url}/{page}", args.settle, height)))
-                         for page, height in PAGES]
+                shots = []
+                for n, (page, height) in enumerate(pages):
+                    shots.append(Image.open(io.BytesIO(browser.shot(f"{url}/{page}", args.settle, height))))
+                    if n == 0:
+                        cards = json.loads(browser.call("Runtime.evaluate", expression=VISIBLE_CARDS)["result"]["value"])
             finally:
                 browser.close()
+        print(f"first screen: {', '.join(cards) or 'no chart'}")
+        if not all(tag in cards for tag in FIRST_SCREEN):
+            sys.exit(f"error: the first screen does not show {' and '.join(FIRST_SCREEN)}")
+        if args.check:
+            return
         image = Image.new("RGB", (WIDTH, sum(s.height for s in shots)), "white")
-        for i, shot in enumerate(shots):  # stacked: the curves above the slices
+        for i, shot in enumerate(shots):  # stacked: the first screen above the slices
             image.paste(shot, (0, sum(s.height for s in shots[:i])))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         image.save(args.out, optimize=True)

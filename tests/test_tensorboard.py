@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+import processes
 from higgs_ds.hooks import Hooks, StepReport
 from higgs_ds.hooks.tensorboard import EVAL, TRAIN, TensorBoardHook, metric_name, tensorboard_tag
 from higgs_ds.train.config import RunConfig, TrainSection
@@ -164,3 +165,37 @@ def test_a_resumed_run_purges_the_steps_it_repeats_in_both_runs(hook_run):
     train, evaluation = read(folder / TRAIN), read(folder / EVAL)
     assert [e.step for e in train.Scalars("loss/total")] == list(range(1, 8))
     assert [e.step for e in evaluation.Scalars("loss/total")] == [3, 6, 7], "eval 6 once"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").path.exists("/usr/bin/chromium"), reason="needs Debian's chromium "
+                    "(apt-get install -y chromium) for the headless-browser check")
+def test_the_first_screen_a_user_gets_shows_the_losses_and_the_old_layout_did_not(hook_run, tmp_path):
+    """docs/make_screenshot.py --check opens TensorBoard's default view (Time Series, nothing chosen) in headless
+    Chromium and lists the charts drawn in the window. Before this layout the same run opened on data/ counters."""
+    import subprocess
+    import sys
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from helpers import ROOT
+
+    def check(run_dir, port):
+        return subprocess.run([sys.executable, str(ROOT / "docs" / "make_screenshot.py"), str(run_dir), "--check",
+                               "--port", str(port)], capture_output=True, text=True, timeout=180)
+
+    hook_run(range(1, 21), eval_at=(10, 20))
+    done = check(tmp_path, processes.free_port())
+    assert done.returncode == 0, done.stdout + done.stderr
+    shown = done.stdout.split("first screen: ", 1)[1].strip().split(", ")
+    assert {"loss/text", "loss/audio"} <= set(shown) and all(tag.startswith("loss") for tag in shown), shown
+    old = tmp_path / "old"  # one folder, eval/ beside loss/, the stream's counters under data/
+    writer = SummaryWriter(str(old / "tensorboard"))
+    for step in range(1, 21):
+        for name, value in {**values(step, STEP), **values(step, EVALUATED),
+                            **{f"data/{n}": v for n, v in STREAM.items()}}.items():
+            writer.add_scalar(name, value, step)
+    writer.close()
+    done = check(old, processes.free_port())
+    assert done.returncode == 1 and "error: the first screen does not show loss/text and loss/audio" in done.stderr, (
+        done.stdout + done.stderr)
