@@ -40,9 +40,9 @@ def main() -> None:
                        "train.save_every=0", "train.eval_every=0", *extra]
             subprocess.run(command, check=True, capture_output=True, cwd=ROOT)
             steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-            hooks = sum(s["time/hooks_s"] for s in steps[2:])  # each step reports the previous step's hook time
-            wall = sum(s["time/step_s"] for s in steps[1:-1])
-            rows[name] = (hooks, wall, len(steps) - 2)
+            hooks = sum(s["time/hooks_s"] for s in steps[1:])  # this step's hooks (the first step warms up)
+            wall = sum(s["time/step_s"] for s in steps[1:])
+            rows[name] = (hooks, wall, len(steps) - 1)
     print(f"{platform.machine()}, {args.steps} steps of the tiny example on 2 CPU ranks (ZeRO-3 fp32)")
     for name, (hooks, wall, n) in rows.items():
         print(f"{name:20s}: hooks {1000 * hooks / n:7.2f} ms/step of {1000 * wall / n:7.1f} ms/step = "
