@@ -105,7 +105,7 @@ def test_a_new_run_matches_an_old_layout_run_of_the_same_values(tmp_path, capsys
 def test_an_early_stopping_run_reports_its_divergence_first_and_its_end_once(tmp_path, capsys):
     """B diverges at step 1 (audio codebook 3 by +0.5, so loss/audio and loss/total too) and stops there; A has 20
     steps and evaluates every 5. The report's first failure line is the divergence at step 1; B's missing steps
-    are one line, not a line per (tag, step)."""
+    are one line, not a line per (tag, step). docs/monitoring.md shows this report."""
     a = losses(20, eval_every=5)
     b = {name: {1: values[1] + (0.5 if name in ("loss/audio_cb3", "loss/audio", "loss/total") else 0)}
          for name, values in a.items() if 1 in values}
@@ -126,6 +126,7 @@ def test_an_early_stopping_run_reports_its_divergence_first_and_its_end_once(tmp
         "steps",
         "  B stopped at step 1 of 20: A's training steps 2–20 and evaluations at 5, 10, 15, 20 have no counterpart"]
     assert "None" not in err
+    assert err in (Path(__file__).parents[1] / "docs" / "monitoring.md").read_text(), "the docs show this report"
 
 
 def test_a_drift_is_reported_at_its_first_step_with_how_far_it_goes(tmp_path, capsys):

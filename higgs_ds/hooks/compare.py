@@ -315,7 +315,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--plots", type=Path, help="write loss.png (total, text, audio: train and eval) and "
                                                    "codebooks.png (every codebook of every run in one panel) here")
     parser.add_argument("--assert", dest="check", action="store_true",
-                        help="exit 1 unless every later run matches the first within --rtol/--atol")
+                        help="exit 1 unless every later run matches the first within --rtol/--atol; reports "
+                             "per loss tag the first step beyond them and where a run stopped, ordered by step")
     parser.add_argument("--expected", type=Path, help="exit 1 unless the (single) run matches this expected-loss "
                                                       "file within --rtol/--atol")
     parser.add_argument("--write-expected", type=Path, help="store the first run's loss tags as an expected file")
