@@ -92,13 +92,15 @@ def test_a_run_resumed_across_the_layout_change_reads_as_one(tmp_path):
                    for name, values in whole.items()}
 
 
-def test_a_new_run_matches_an_old_layout_run_of_the_same_values(tmp_path, capsys):
+def test_new_runs_match_an_old_layout_run_of_the_same_values(tmp_path, capsys):
     old = write_run(tmp_path / "old", losses(6, eval_every=3), "old")
     new = write_run(tmp_path / "new", losses(6, eval_every=3))
-    assert compare_main([str(old), str(new), "--assert"]) == 0
+    longer = write_run(tmp_path / "longer", losses(8, eval_every=3))
+    assert compare_main([str(old), str(new), str(longer), "--assert"]) == 0
     printed = capsys.readouterr().out
-    assert f"A = {old}\nB = {new}\n" in printed
-    assert "A: 6 training steps (1–6), evaluated at 3, 6\nB: 6 training steps (1–6), evaluated at 3, 6\n" in printed
+    assert f"A = {old}\nB = {new}\nC = {longer}\n" in printed
+    assert "A: 6 training steps (1–6), evaluated at 3, 6\nB: 6 training steps (1–6), evaluated at 3, 6\n" \
+           "C: 8 training steps (1–8), evaluated at 3, 6 — C ran to step 8, beyond A's 6 (not compared)\n" in printed
     assert "loss/audio_cb7 " in printed and printed.endswith("OK: within rtol=0.0001 atol=1e-06\n")
 
 

@@ -91,8 +91,7 @@ def summary(values: dict[int, float], last: int) -> tuple[float, float, float]:
 
 
 def steps_text(steps) -> str:
-    """1, 2, 3, 5, 10, 11 -> '1–3, 5, 10–11' (two consecutive steps stay a range too, so runs of any length read
-    alike)."""
+    """1, 2, 3, 5, 10, 11 -> '1–3, 5, 10–11'."""
     steps, parts = sorted(steps), []
     for step in steps:
         if parts and step == parts[-1][1] + 1:
@@ -193,7 +192,7 @@ def violations(expected: dict, got: dict, rtol: float, atol: float, names: tuple
     - the tags or steps `got` lacks before its last step, grouped by the steps missing."""
     ref, new = names
     problems = []
-    last = Steps.of(got).last
+    last, reference = Steps.of(got).last, Steps.of(expected)
     missing: dict[str, tuple[int, ...]] = {}
     for tag in loss_tags(expected):
         have = got.get(tag, {})
@@ -218,14 +217,13 @@ def violations(expected: dict, got: dict, rtol: float, atol: float, names: tuple
         if gaps:
             missing[tag] = gaps
     if last is None:
-        problems.append((min(Steps.of(expected).train + Steps.of(expected).evals, default=0), "",
-                         f"{new} has no loss values at all ({ref}: {Steps.of(expected).describe()})"))
-        return problems
-    after = Steps(*(sorted(s for s in steps if s > last) for steps in
-                    (Steps.of(expected).train, Steps.of(expected).evals)))
+        return problems + [(min(reference.train + reference.evals, default=0), "",
+                            f"{new} has no loss values at all ({ref}: {reference.describe()})")]
+    after = Steps([s for s in reference.train if s > last], [s for s in reference.evals if s > last])
     if after.last is not None:
-        missed = ([f"training steps {steps_text(after.train)}"] if after.train else []) + (
-            [f"evaluations at {steps_text(after.evals)}"] if after.evals else [])
+        missed = ([f"training step{'s' * (len(after.train) > 1)} {steps_text(after.train)}"] if after.train else []
+                  ) + ([f"evaluation{'s' * (len(after.evals) > 1)} at {steps_text(after.evals)}"] if after.evals
+                       else [])
         problems.append((min(after.train + after.evals), "", f"{new} stopped at step {last} of {after.last}: "
                                                             f"{ref}'s {' and '.join(missed)} have no counterpart"))
     groups: dict[tuple[int, ...], list[str]] = {}
