@@ -238,8 +238,8 @@ def violations(expected: dict, got: dict, rtol: float, atol: float, names: tuple
 def figures(runs: dict[str, dict]) -> dict[str, "matplotlib.figure.Figure"]:
     """{"loss": total, text and audio side by side, each run's training curve (solid) with its evaluations (dashed,
     circles) in the run's colour; "codebooks": every codebook of every run overlaid in one panel (colour: codebook,
-    line style: run: A solid, B dashed, C dotted, D dash-dot), the evaluations' codebooks in a second panel}; a
-    figure only when some run has its tags."""
+    line style: run: A solid, B dashed, C dotted, D dash-dot), the evaluations' codebooks in a second panel on the same
+    steps}; a figure only when some run has its tags."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -274,7 +274,7 @@ def figures(runs: dict[str, dict]) -> dict[str, "matplotlib.figure.Figure"]:
     if splits:
         codebooks = sorted({int(t[len(p):]) for p, _ in splits for s in runs.values() for t in s if t.startswith(p)})
         figure = Figure(figsize=(6 * len(splits) + 2, 4.2))
-        for axis, (prefix, title) in zip(figure.subplots(1, len(splits), squeeze=False)[0], splits):
+        for axis, (prefix, title) in zip(figure.subplots(1, len(splits), squeeze=False, sharex=True)[0], splits):
             for n, (label, name) in enumerate(zip(short, names)):
                 for k in codebooks:
                     if f"{prefix}{k}" in runs[name]:
