@@ -644,17 +644,40 @@ def test_compare_runs_table_plots_and_asserts(reference, tmp_path, capsys):
     assert compare_main([str(out), str(out), "--plots", str(tmp_path / "plots"), "--assert"]) == 0
     printed = capsys.readouterr().out
     assert re.search(r"^loss/audio_cb7 +\d+\.\d{4} / \d+\.\d{4} / \d+\.\d{4}", printed, re.M) and "OK: within" in printed
-    for group in ("loss", "codebooks", "eval"):
+    steps = "7 training steps (1–7), evaluated at 3, 6–7"
+    assert f"A: {steps}\nB: {steps}\n" in printed
+    for group in ("loss", "codebooks"):
         assert (tmp_path / "plots" / f"{group}.png").stat().st_size > 10_000
-    # A run whose loss drifts by 1 % fails the assert mode.
-    drifted = tmp_path / "drifted"
-    writer = SummaryWriter(str(drifted / "tensorboard"))
-    for tag, values in read_scalars(out).items():
-        for step, value in values.items():
-            writer.add_scalar(tag, value * (1.01 if tag == "loss/text" else 1.0), step)
-    writer.close()
-    assert compare_main([str(out), str(drifted), "--assert"]) == 1
-    assert "loss/text step 1: expected" in capsys.readouterr().err
+    # A run whose text loss drifts by 1 % fails the assert mode, reported once at its first step; one that stops
+    # after a first step whose audio loss is 1 % off reports that step first, then where it stopped. Both are written
+    # in the metric-named single-folder layout of runs logged before OUT/tensorboard/{train,eval}.
+    scalars = read_scalars(out)
+
+    def write(name, factor, last=None):
+        writer = SummaryWriter(str(tmp_path / name / "tensorboard"))
+        for tag, values in scalars.items():
+            for step, value in values.items():
+                if last is None or step <= last:
+                    writer.add_scalar(tag, value * factor.get(tag, 1.0), step)
+        writer.close()
+        return str(tmp_path / name)
+
+    def drifted(tag, step):
+        """The event file's float32 of 1.01 × the reference's value, the difference and the line's start."""
+        value, got = scalars[tag][step], float(np.float32(scalars[tag][step] * 1.01))
+        return f"  step {step} {tag}: A {value:.6f}, B {got:.6f}, B − A {got - value:+.6f} (+1.00%); beyond tolerance"
+
+    assert compare_main([str(out), write("drifted", {"loss/text": 1.01}), "--assert"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "FAIL: B against A (rtol=0.0001 atol=1e-06): 1 problem, by step:"
+    assert err[1].startswith(drifted("loss/text", 1) + " at 7 of 7 shared steps, the largest +") and len(err) == 2
+    assert compare_main([str(out), write("stopped", {"loss/audio": 1.01}, last=1), "--assert"]) == 1
+    captured = capsys.readouterr()
+    assert "B: 1 training step (1), no evaluation — B stopped at step 1 of 7\n" in captured.out
+    assert captured.err.splitlines() == [
+        "FAIL: B against A (rtol=0.0001 atol=1e-06): 2 problems, by step:",
+        drifted("loss/audio", 1) + " at 1 of 1 shared steps",
+        "  B stopped at step 1 of 7: A's training steps 2–7 and evaluations at 3, 6–7 have no counterpart"]
     # The stored expected losses of this tiny CI config guard regressions.
     assert compare_main([str(out), "--expected", str(EXPECTED_LOSSES), "--rtol", "1e-3"]) == 0
 
