@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from higgs_ds.hooks.compare import figures, main as compare_main, metric_name, read_scalars
+from higgs_ds.hooks.tensorboard import tensorboard_tag
 
 # TensorBoardHook's mapping, metric name -> (run folder, TensorBoard tag), as decided for OUT/tensorboard/{train,eval}.
 LAYOUT = {"loss/total": ("train", "loss/total"), "loss/text": ("train", "loss/text"),
@@ -17,7 +18,7 @@ LAYOUT = {"loss/total": ("train", "loss/total"), "loss/text": ("train", "loss/te
           "eval/audio": ("eval", "loss/audio"),
           **{f"eval/audio_cb{k}": ("eval", f"loss_codebook/cb{k}") for k in range(8)},
           "lr": ("train", "optim/lr"), "grad_norm": ("train", "optim/grad_norm"),
-          "throughput/tps": ("train", "throughput/tps"), "stream/seen_samples": ("train", "stream/seen_samples")}
+          "throughput/tps": ("train", "throughput/tps"), "data/seen_samples": ("train", "stream/seen_samples")}
 
 
 def losses(steps: int, eval_every: int) -> dict[str, dict[int, float]]:
@@ -44,7 +45,7 @@ def write_run(out: Path, metrics: dict[str, dict[int, float]], layout: str = "ne
 
     writers = {}
     for name, values in metrics.items():
-        folder, tag = LAYOUT[name] if layout == "new" else ("", name)
+        folder, tag = tensorboard_tag(name) if layout == "new" else ("", name)
         if folder not in writers:
             writers[folder] = SummaryWriter(str(out / "tensorboard" / folder))
         for step, value in sorted(values.items()):
@@ -55,8 +56,8 @@ def write_run(out: Path, metrics: dict[str, dict[int, float]], layout: str = "ne
 
 
 def test_metric_name_is_the_inverse_of_the_tensorboard_layout():
-    for name, (folder, tag) in LAYOUT.items():
-        assert metric_name(folder, tag) == name, (folder, tag)
+    for name, (folder, tag) in LAYOUT.items():  # the table, written out: an oracle apart from the code
+        assert tensorboard_tag(name) == (folder, tag) and metric_name(folder, tag) == name, (folder, tag)
     assert metric_name("eval", "tokens/text_learnable") == "eval/tokens/text_learnable"
     for tag in ("loss/text", "eval/audio_cb3", "lr", "data/seen_samples"):  # the earlier layout: tags are the names
         assert metric_name("", tag) == tag
@@ -67,7 +68,7 @@ def test_metric_name_is_the_inverse_of_the_tensorboard_layout():
 @pytest.mark.parametrize("layout", ["new", "old"])
 def test_read_scalars_returns_metric_names_in_either_layout(layout, tmp_path):
     metrics = losses(6, eval_every=3)
-    metrics["stream/seen_samples"] = {1: 4.0, 2: 8.0}
+    metrics["data/seen_samples"] = {1: 4.0, 2: 8.0}
     run = write_run(tmp_path / "run", metrics, layout)
     assert sorted((run / "tensorboard").iterdir()) == (
         [run / "tensorboard" / "eval", run / "tensorboard" / "train"] if layout == "new" else

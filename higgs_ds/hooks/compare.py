@@ -19,35 +19,23 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .tensorboard import LOG_DIR
+from .tensorboard import EVAL, LOG_DIR, TRAIN
+from .tensorboard import metric_name as tensorboard_metric_name
 
-RUN_FOLDERS = ("train", "eval")  # TensorBoardHook's runs under OUT/tensorboard
+RUN_FOLDERS = (TRAIN, EVAL)  # TensorBoardHook's runs under OUT/tensorboard
 LOSSES = ("total", "text", "audio")
 EVENTS = "events.out.tfevents.*"
 
 
 def metric_name(run_folder: str, tag: str) -> str:
-    """The metric name (metrics.jsonl's key) of TensorBoard tag `tag` in run folder `run_folder` ("train" or "eval";
-    "" for the earlier single-folder layout, whose tags are the metric names). The inverse of TensorBoardHook's
-    mapping: train loss/{total,text,audio} -> loss/...; loss_codebook/cb{k} -> loss/audio_cb{k} (train) or
-    eval/audio_cb{k} (eval); eval loss/{total,text,audio} -> eval/...; optim/lr, optim/grad_norm -> lr, grad_norm;
-    any other train tag keeps its name, and any other eval tag gets the eval/ prefix."""
-    codebook = re.fullmatch(r"loss_codebook/cb(\d+)", tag)
-    if run_folder == "eval":
-        if codebook:
-            return f"eval/audio_cb{codebook[1]}"
-        if tag.startswith("loss/"):
-            return f"eval/{tag[len('loss/'):]}"
-        return tag if tag.startswith("eval/") else f"eval/{tag}"
-    if run_folder == "train":
-        if codebook:
-            return f"loss/audio_cb{codebook[1]}"
-        if tag in ("optim/lr", "optim/grad_norm"):
-            return tag[len("optim/"):]
-        return tag
+    """The metric name (metrics.jsonl's key) of TensorBoard tag `tag` in run folder `run_folder` ("train" or "eval",
+    tensorboard.metric_name; "" for the earlier single-folder layout, whose tags are the metric names)."""
     if run_folder == "":
         return tag
-    raise ValueError(f"unknown TensorBoard run folder {run_folder!r} (expected train, eval or '' for the old layout)")
+    if run_folder not in (TRAIN, EVAL):
+        raise ValueError(f"unknown TensorBoard run folder {run_folder!r} (expected train, eval or '' for the old "
+                         "layout)")
+    return tensorboard_metric_name(run_folder, tag)
 
 
 def _read_folder(directory: Path, run_folder: str) -> dict[str, dict[int, float]]:

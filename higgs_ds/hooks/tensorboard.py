@@ -40,14 +40,16 @@ def tensorboard_tag(name: str) -> tuple[str, str]:
 
 
 def metric_name(run: str, tag: str) -> str:
-    """The inverse of tensorboard_tag."""
+    """The inverse of tensorboard_tag (an eval tag other than a loss keeps its eval/ prefix)."""
     if tag.startswith("loss_codebook/cb"):
         tag = "loss/audio_cb" + tag[len("loss_codebook/cb"):]
     elif tag.startswith("stream/"):
         tag = "data/" + tag[len("stream/"):]
     else:
         tag = {v: k for k, v in _RENAMED.items()}.get(tag, tag)
-    return "eval/" + tag[len("loss/"):] if run == EVAL and tag.startswith("loss/") else tag
+    if run == EVAL:
+        return "eval/" + (tag[len("loss/"):] if tag.startswith("loss/") else tag)
+    return tag
 
 
 def layout(num_codebooks: int) -> dict:
