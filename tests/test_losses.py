@@ -208,11 +208,11 @@ def test_a_single_audio_count_applies_to_every_codebook():
     torch.testing.assert_close(as_tensor, as_float)
 
 
-def test_logged_predictions_are_the_heads_top1_at_learnable_rows():
+def test_logged_predictions_are_the_heads_top1_at_every_learnable_row():
     model = HiggsAudioForTraining(CONFIG)
     randomize(model)
     batch = boundary_batch()
-    everything = model(**batch.model_inputs(), return_predictions=True, num_logged=10_000)
+    everything = model(**batch.model_inputs(), return_predictions=True)
     text_pairs, audio_pairs = reference_targets(batch)
     logits = model.logits(**batch.model_inputs())
     positions = torch.tensor([p for p, _ in text_pairs])
@@ -223,9 +223,6 @@ def test_logged_predictions_are_the_heads_top1_at_learnable_rows():
     assert torch.equal(everything.audio_predictions, logits.audio[frames].argmax(-1))
     assert torch.equal(everything.text_positions, positions) and torch.equal(everything.audio_frames, frames)
     assert torch.equal(everything.audio_inputs, batch.audio_out_ids[:, frames].T)
-    few = model(**batch.model_inputs(), return_predictions=True, num_logged=3)
-    assert few.text_labels.shape == (3,) and few.audio_predictions.shape == (3, CONFIG.num_codebooks)
-    assert few.text_labels[0] == text_pairs[0][1] and few.text_labels[-1] == text_pairs[-1][1]
 
 
 def test_a_batch_without_a_modality_logs_zero_not_nan():

@@ -614,7 +614,12 @@ def test_tensorboard_events_hold_every_step_value(reference, corpus, tokens):
     assert {"config/text_summary", "slices/text/text_summary", "slices/audio/text_summary",
             "sample/marked/text_summary"} <= texts, texts
     table = events.Tensors("slices/audio/text_summary")[0].tensor_proto.string_val[0].decode()
-    assert table.startswith("| sample | frame j → j+1 | codebook | input at j | label | prediction | hit |")
+    assert re.match(r"\d+ learnable audio codes in this micro-batch · \*\*prediction = input: \d+%\*\*", table), table
+    body = table.split("| sample | segment starts at | code t of T | input | label | prediction | hit | copies input |"
+                       "\n|---|---|---|---|---|---|---|---|\n")[1].splitlines()
+    assert body and "-100" not in "".join(body), "de-delayed rows: every codebook learnable"
+    text = events.Tensors("slices/text/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert re.match(r"\d+ learnable text tokens in this micro-batch · \*\*prediction = input: \d+%\*\*", text), text
     assert 0 < min(scalars["tokens/learnable_share"].values()) <= max(scalars["tokens/learnable_share"].values()) < 1
     # Learnable tokens over the run = the manifest's per-sample counts of the samples the run consumed.
     manifest = Manifest.load(corpus / "train")

@@ -17,11 +17,27 @@ class StepReport:
     total_steps: int
     metrics: dict[str, float]  # loss/..., lr, grad_norm, throughput/..., counts
     rank_learnable: list[list[int]]  # per rank: [text, audio codebook 0..K-1] learnable tokens this step
-    predictions: dict[str, Any] | None = None  # rank 0's last micro-batch: model predictions, labels, sample keys
+    predictions: dict[str, Any] | None = None  # rank 0's last micro-batch: step_predictions
     stream: dict[str, int] = field(default_factory=dict)  # the stream's counters summed over ranks; epoch, position
     # This step's alarms, one line each: a skipped step (the trainer), a guard's alarm, a hook switched off (the
     # runner). Hooks append to it; the ones after them (TensorBoard runs last) record them.
     alarms: list[str] = field(default_factory=list)
+
+
+PREDICTED = ("text_predictions", "text_labels", "text_positions", "audio_predictions", "audio_labels",
+             "audio_frames", "audio_inputs")
+
+
+def step_predictions(result, batch, audio) -> dict[str, Any]:
+    """`StepReport.predictions`, from a forward with return_predictions (`result`, a HiggsAudioOutput) on `batch` (on
+    the CPU): the top-1 predictions beside their labels at every learnable row, on the CPU; which sample and position
+    each row belongs to and the batch's inputs to decode them; the audio stream's settings `audio` (stream bos/eos
+    ids, the delay pattern) to read the audio rows (hooks/slices.py)."""
+    predictions = {key: getattr(result, key).cpu() for key in PREDICTED}
+    predictions.update(sample_keys=list(batch.sample_keys), input_ids=batch.input_ids, label_ids=batch.label_ids,
+                       segment_ids=batch.segment_ids, position_ids=batch.position_ids,
+                       audio_out_mask=batch.audio_out_mask, audio_settings=audio)
+    return predictions
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,8 @@ class HiggsAudioOutput(NamedTuple):
     audio_loss_sum: torch.Tensor  # detached fp32 [K]
     audio_tokens: torch.Tensor  # long [K]
     metrics: dict[str, torch.Tensor]  # this batch's means: loss/text, loss/audio, loss/audio_cb{k}, loss/total
-    # Top-1 predictions next to their labels at a few learnable rows (with return_predictions=True), for logging.
+    # Top-1 predictions next to their labels at every learnable target row (with return_predictions=True), for the
+    # slices and the copy guard.
     text_predictions: torch.Tensor | None = None  # [n]
     text_labels: torch.Tensor | None = None  # [n]
     audio_predictions: torch.Tensor | None = None  # [n, K]
@@ -263,8 +264,7 @@ class HiggsAudioForTraining(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, segment_ids, label_ids, audio_in_mask,
                 audio_out_mask, audio_in_ids, audio_out_ids, audio_out_labels, index: BatchIndex | None = None,
-                loss_norm: LossNorm | None = None, return_predictions: bool = False,
-                num_logged: int = 8) -> HiggsAudioOutput:
+                loss_norm: LossNorm | None = None, return_predictions: bool = False) -> HiggsAudioOutput:
         """With the Batch's `index` (batch.model_inputs() passes it) forward+backward need no host sync; without
         one it is computed here, from the tensors, with syncs."""
         index = self._index(index, label_ids, segment_ids, audio_in_mask, audio_out_mask, audio_out_labels)
@@ -279,12 +279,10 @@ class HiggsAudioForTraining(nn.Module):
         loss = objective(text_sum, text_tokens, audio.loss_sum, audio.count, self.loss_config, loss_norm)
         logged = {}
         if return_predictions:
-            text_rows = _spread(targets.text.numel(), num_logged, hidden.device)
-            audio_rows = _spread(targets.audio.shape[0], num_logged, hidden.device)
-            frames = index.audio_target_frames[audio_rows]
-            logged = dict(text_predictions=text.predictions[text_rows, 0], text_labels=targets.text[text_rows],
-                          audio_predictions=audio.predictions[audio_rows], audio_labels=targets.audio[audio_rows],
-                          text_positions=index.text_target_positions[text_rows], audio_frames=frames,
+            frames = index.audio_target_frames
+            logged = dict(text_predictions=text.predictions[:, 0], text_labels=targets.text,
+                          audio_predictions=audio.predictions, audio_labels=targets.audio,
+                          text_positions=index.text_target_positions, audio_frames=frames,
                           audio_inputs=audio_out_ids[:, frames].T)
         return HiggsAudioOutput(
             loss=loss, text_loss_sum=text_sum.detach(), text_tokens=text_tokens,
@@ -310,15 +308,6 @@ class HiggsAudioForTraining(nn.Module):
         audio = self.audio_lm_head(hidden.flatten(0, 1)[index.audio_positions[audio_in_ids.shape[1]:]])
         return HiggsAudioLogits(text=self.text_lm_head(hidden.flatten(0, 1)).view(*hidden.shape[:2], -1),
                                 audio=audio.view(-1, self.config.num_codebooks, self.config.codebook_size))
-
-
-def _spread(count: int, wanted: int, device) -> torch.Tensor:
-    """Up to `wanted` row indices: the first and the last rows (where audio segments start and end: stream bos, the
-    delay pattern, eos)."""
-    if count <= wanted:
-        return torch.arange(count, device=device)
-    head = wanted - wanted // 2
-    return torch.cat([torch.arange(head, device=device), torch.arange(count - wanted // 2, count, device=device)])
 
 
 def check_shapes(config: HiggsAudioV2Config, input_ids, attention_mask, position_ids, segment_ids, label_ids,

@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 
 from ..data.batch import Batch
-from ..hooks.base import Hooks, StepReport, StopRequest
+from ..hooks.base import Hooks, StepReport, StopRequest, step_predictions
 from ..model import LossNorm, learnable_counts
 from ..model.losses import LossSums
 from . import checkpointing
@@ -28,8 +28,6 @@ from .metrics import MetricsLog, StepTimer, StepTotals, all_reduce_sum, peak_rss
 from .preflight import Setup
 
 log = logging.getLogger("higgs_ds.train")
-PREDICTED = ("text_predictions", "text_labels", "text_positions", "audio_predictions", "audio_labels",
-             "audio_frames", "audio_inputs")
 
 
 class TrainingStopped(RuntimeError):
@@ -199,11 +197,7 @@ class Trainer:
             totals.samples += len(batch.sample_keys)
             self._trace(n, batch)
             if want:
-                predictions = {key: getattr(result, key).cpu() for key in PREDICTED}
-                # Which sample each logged row belongs to, and the batch's inputs to decode them.
-                predictions.update(sample_keys=list(batch.sample_keys), input_ids=batch.input_ids,
-                                   label_ids=batch.label_ids, segment_ids=batch.segment_ids,
-                                   audio_out_mask=batch.audio_out_mask)
+                predictions = step_predictions(result, batch, self.setup.model_config.audio)
         return totals, predictions
 
     def _forward(self, batch: Batch, norm: LossNorm | None, want_predictions: bool = False):
@@ -211,8 +205,8 @@ class Trainer:
                            return_predictions=want_predictions)
 
     def _wants_predictions(self) -> bool:
-        """Predictions (top-1 at logged rows) on the first step and at the slice and guard cadences only: on a GPU
-        asking for them runs the chunked head instead of Liger's."""
+        """Predictions (top-1 at every learnable row) on the first step and at the slice and guard cadences only: on a
+        GPU asking for them runs the chunked head instead of Liger's."""
         step = self.step + 1
         every = [e for e in (self.config.train.slice_every, self.config.guards.check_every) if e]
         return step == 1 or any(step % e == 0 for e in every)
