@@ -61,7 +61,7 @@ class CollapseGuard:
     def _check_copying(self, report, modality: str, inputs, labels, predictions) -> None:
         """An unshifted loss makes every learnable label equal its own input (the token or frame it is predicted
         from); a model that learnt to copy predicts its input much more often than the labels equal it. Shares
-        over the logged rows of rank 0's last micro-batch (every codebook's cell, for audio)."""
+        over every learnable target of rank 0's last micro-batch (every codebook's cell, for audio)."""
         if inputs is None or labels is None or not inputs.numel():
             return
         learnable = labels != IGNORE
