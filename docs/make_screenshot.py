@@ -126,7 +126,8 @@ def main():
                 for n, (page, height) in enumerate(pages):
                     shots.append(Image.open(io.BytesIO(browser.shot(f"{url}/{page}", args.settle, height))))
                     if n == 0:
-                        cards = json.loads(browser.call("Runtime.evaluate", expression=VISIBLE_CARDS)["result"]["value"])
+                        shown = browser.call("Runtime.evaluate", expression=VISIBLE_CARDS)["result"]["value"]
+                        cards = json.loads(shown)
             finally:
                 browser.close()
         print(f"first screen: {', '.join(cards) or 'no chart'}")

@@ -101,7 +101,8 @@ def test_train_and_eval_share_the_loss_tags_and_the_losses_are_the_groups_opened
         tag = tensorboard_tag(name)[1]
         assert [(e.step, e.value) for e in train.Scalars(tag)] == [
             (s, pytest.approx(values(s, STEP)[name])) for s in (1, 2, 3)], name
-    assert [(e.step, e.value) for e in evaluation.Scalars("loss/text")] == [(3, pytest.approx(values(3, EVALUATED)["eval/text"]))]
+    expected = values(3, EVALUATED)["eval/text"]
+    assert [(e.step, e.value) for e in evaluation.Scalars("loss/text")] == [(3, pytest.approx(expected))]
     groups = group_order(train_tags | eval_tags)
     assert groups[:2] == ["loss", "loss_codebook"], groups
     assert not any(tag.startswith("data/") for tag in train_tags), "the stream's counters are in stream/"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import string
 import sys
 from dataclasses import dataclass
@@ -223,7 +222,7 @@ def violations(expected: dict, got: dict, rtol: float, atol: float, names: tuple
     return sorted(problems, key=lambda p: (p[0], p[1] == "", p[1]))
 
 
-def figures(runs: dict[str, dict]) -> dict[str, "matplotlib.figure.Figure"]:
+def figures(runs: dict[str, dict]) -> dict:
     """{"loss": total, text and audio side by side, each run's training curve (solid) with its evaluations (dashed,
     circles) in the run's colour; "codebooks": every codebook of every run overlaid in one panel (colour: codebook,
     line style: run: A solid, B dashed, C dotted, D dash-dot), the evaluations' codebooks in a second panel on the same
