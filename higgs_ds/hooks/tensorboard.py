@@ -1,7 +1,7 @@
 """TensorBoard scalars of every step and evaluation (tensorboard's own event files via torch.utils.tensorboard).
 
 Tags: loss/total, loss/text, loss/audio, loss/audio_cb{k}; tokens/text_learnable, tokens/audio_learnable,
-tokens/total, tokens/learnable_share; lr, grad_norm; throughput/tps, throughput/samples_per_s; time/step_s,
+tokens/total, tokens/learnable_share; lr, grad_norm; throughput/* (tokens, samples, model TFLOP/s, mfu); time/step_s,
 time/data_wait_share, time/eta_s; memory/peak_rss_gib (and memory/peak_gpu_gib on a GPU); data/{stream counter}
 (planned, seen, corrupt, missing, dropped, too long samples; stray members, bad shards, blank and padding batches);
 eval/... at each evaluation. Every `train.slice_every` steps the prediction-vs-label slices as text (slices/text,
