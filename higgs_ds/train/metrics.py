@@ -29,7 +29,7 @@ class StepTotals:
     """What one step adds up on each rank; `all_reduce` sums it over ranks in one collective."""
 
     losses: LossSums
-    tokens: float = 0.0  # positions of the collated batches (padding included)
+    tokens: float = 0.0  # real positions of the collated batches (text tokens and audio frames; no padding)
     samples: float = 0.0
     counters: dict[str, int] | None = None  # the stream's (data/*), since the run started
     flops: float = 0.0  # model FLOPs of the step's micro-batches (flops.ModelFlops)
