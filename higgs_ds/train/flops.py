@@ -158,10 +158,10 @@ class ModelFlops:
 # bf16 dense tensor-core peak (TFLOPS, no 2:4 sparsity) per GPU, matched in order against torch.cuda.get_device_name()
 # (case-insensitive): the more specific names first. From NVIDIA's datasheets (the "BF16 Tensor Core" row, halved
 # where the sheet quotes sparsity): A100 (SXM and PCIe) 312; H100 SXM 989, PCIe 756, NVL 835; H200 (SXM) 989, H200
-# NVL 835; B200 (HGX B200) 2250; L40S 362; L40 181; L4 121; A40 150; A10 125 (AWS's A10G: AWS quotes no bf16 figure;
-# its GA102 has the A10's tensor cores, 125 is the figure tools use, e.g. Lightning's throughput table); RTX 6000 Ada 364;
-# RTX A6000 155; GeForce RTX 4090 165 and RTX 3090 71 (Ada / GA102 whitepapers: bf16 with fp32 accumulate, what
-# torch uses).
+# NVL 835; B200 (HGX B200) 2250; L40S 362; L40 181; L4 121; A40 150; A10 125; RTX 6000 Ada 364; RTX A6000 155;
+# GeForce RTX 4090 165 and RTX 3090 71 (Ada / GA102 whitepapers: bf16 with fp32 accumulate, what torch uses). AWS's
+# A10G has no NVIDIA datasheet and AWS quotes no bf16 figure: it gets the A10's 125 (the same GA102 tensor cores; its
+# clocks differ), an approximation — train.peak_tflops overrides any entry.
 GPU_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     (r"\bH100\b.*\bPCIe\b", 756.0),
     (r"\bH100\b.*\bNVL\b", 835.0),
