@@ -16,7 +16,7 @@ the loop a user would write around transformers' HiggsAudioV2ForConditionalGener
     model: the whole unpartitioned gradient then waits in the bucket on every rank), and with sub_group_size 5e7
     too (the optimizer step's temporaries per sub-group); --no-bucket-variant skips both. All 1-rank launches run
     first, the default 2-rank launch last; a launch killed for memory is retried for step 1 alone.
-(b) tokens/s with 2 ranks: our engine (higgs_ds.train.main under deepspeed, throughput/tps from OUT/metrics.jsonl)
+(b) tokens/s with 2 ranks: our engine (higgs_ds.train.main under deepspeed, throughput/tokens_per_s from OUT/metrics.jsonl)
     against a minimal DeepSpeed loop on transformers' HiggsAudioV2ForConditionalGeneration(use_text_head=True)
     with its own loss, same DeepSpeed JSON (deepspeed_config of the same run YAML), same AdamW, same shards and
     the same batches (the same ShardLoader plan, converted with higgs_ds.testing.port.port_inputs). Hidden 512,
@@ -25,6 +25,9 @@ the loop a user would write around transformers' HiggsAudioV2ForConditionalGener
     per rank. The port is built whole and partitioned by deepspeed.initialize (under deepspeed.zero.Init its
     post_init fails on the partitioned embedding); its weights are its own random init, ours our init_seed's.
 (c) the data-wait share of our step time (time/data_wait_share in OUT/metrics.jsonl).
+(d) MFU of each of our engine's launches in (a)(ii) and (b): the model FLOPs of its steps after the first
+    (higgs_ds/train/flops.py; throughput/model_tflops_per_rank x step time) over their time x world x the peak each
+    rank measured at start-up (an fp32 matmul with its torch threads: throughput/mfu's CPU peak). CPU-only numbers.
 
 Each launch has its own process group; the final checkpoint is skipped in the worker (Trainer.save patched out:
 it is not what is measured, and its full-model gather on rank 0 would add to that rank's peak). After each launch
@@ -398,6 +401,25 @@ def available_memory() -> int:
     return 0
 
 
+def mfu(rows: list[dict], skip: int = 1) -> dict:
+    """MFU over a launch's steps after the first `skip` (warm-up), from its metrics.jsonl rows: the steps' model
+    FLOPs per rank over their time and the peak per rank (the same on every row: measured once at start-up)."""
+    timed = rows[skip:] or rows
+    seconds = sum(r["time/step_s"] for r in timed)
+    tflops = sum(r["throughput/model_tflops_per_rank"] * r["time/step_s"] for r in timed) / seconds
+    peak = timed[0]["throughput/model_tflops_per_rank"] / timed[0]["throughput/mfu"]
+    return {"mfu": tflops / peak, "tflops": tflops, "peak": peak, "steps": len(timed),
+            "tokens_per_s_per_rank": sum(r["throughput/tokens_per_s_per_rank"] * r["time/step_s"] for r in timed)
+            / seconds}
+
+
+def print_mfu(label: str, rows: list[dict], skip: int = 1) -> None:
+    m = mfu(rows, skip)
+    print(f"  (d) {label}: MFU {m['mfu']:.1%} over steps {len(rows) - m['steps'] + 1}-{len(rows)}: "
+          f"{m['tflops'] * 1e3:.2f} model GFLOP/s per rank against a measured peak of {m['peak'] * 1e3:.1f} GFLOP/s "
+          f"(fp32 matmul), {m['tokens_per_s_per_rank']:.0f} tokens/s per rank", flush=True)
+
+
 def held(report: dict) -> int:
     """Model-state bytes found in the engine: parameter partition, fp32 master copy, AdamW moments, grad partition."""
     s = report["state"]
@@ -441,6 +463,9 @@ def print_measured(rows: list[dict], total: int) -> dict:
             text += (f", peak RSS over {one['steps']} steps {ratios[label]['peak']:.3f} (minus the runtime "
                      f"{ratios[label]['peak_above_runtime']:.3f})")
         print(text)
+    for row in rows:
+        if "failed" not in row:
+            print_mfu(f"{row['label']}, {row['ranks']} rank(s)", row["metrics"])
     return ratios
 
 
@@ -456,7 +481,9 @@ def throughput(root: Path, args, max_tokens: int) -> dict:
         reports = rank_reports(root / name, 2)
         if worker == "train":  # rank 0's metrics: all-reduced tokens over rank 0's step clock
             steps = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
-            steps = [{"step_s": r["time/step_s"], "tokens": r["throughput/tps"] * r["time/step_s"],
+            results["ours_mfu"] = mfu(steps, args.warmup)
+            print_mfu(f"ours, 2 ranks, {max_tokens} positions per rank", steps, args.warmup)
+            steps = [{"step_s": r["time/step_s"], "tokens": r["throughput/tokens_per_s"] * r["time/step_s"],
                       "wait_s": r["time/step_s"] * r["time/data_wait_share"], "loss": r["loss/total"]}
                      for r in steps]
         else:  # rank 0's clock, all-reduced tokens (as ours); the wait is data fetch + port_inputs conversion

@@ -31,12 +31,15 @@ from higgs_ds.train.export import main as export_main
 from higgs_ds.train.lora import apply_lora
 
 
+PEAK_TFLOPS = 0.05  # the reference run's train.peak_tflops (the other launches measure the CPU's peak)
+
+
 @pytest.fixture(scope="module")
 def reference(corpus, tmp_path_factory):
     """The uninterrupted 2-rank run every resume test compares with."""
     out = tmp_path_factory.mktemp("reference")
     config = write_yaml(out.parent / f"{out.name}.yaml", **base_config(corpus, out, save_every=2, keep_last=2,
-                                                                         eval_every=3))
+                                                                         eval_every=3, peak_tflops=PEAK_TFLOPS))
     code, output = launch(config)
     assert code == 0, output[-3000:]
     return config, out, output
@@ -57,6 +60,14 @@ def test_two_rank_zero3_run_trains_evaluates_and_saves(reference):
     # Each epoch sees a sample at most once, and the last epoch drops none (its short slot ends with a blank).
     keys = [k for k in consumed(out, range(1, 8)) if k != "<blank>"]
     assert len(set(keys)) == 80 and max(keys.count(k) for k in set(keys)) == 2 and len(keys) >= 150
+    # Throughput: all ranks' tokens over rank 0's step time, per rank their mean; mfu against train.peak_tflops.
+    assert f"throughput/mfu against a peak of {PEAK_TFLOPS:g} TFLOPS per rank (train.peak_tflops)" in output
+    for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):
+        assert row["throughput/tokens_per_s"] == pytest.approx(row["tokens/total"] / row["time/step_s"], rel=1e-9)
+        assert row["throughput/tokens_per_s_per_rank"] == pytest.approx(row["throughput/tokens_per_s"] / 2, rel=1e-12)
+        assert row["throughput/mfu"] == pytest.approx(row["throughput/model_tflops_per_rank"] / PEAK_TFLOPS,
+                                                      rel=1e-12)
+        assert row["throughput/model_tflops_per_rank"] > 0 and "throughput/tps" not in row
 
 
 @pytest.mark.slow
@@ -69,9 +80,10 @@ def test_a_crash_during_the_save_leaves_the_previous_checkpoint(corpus, referenc
     partial = out / "checkpoints" / "step00000004"
     assert partial.is_dir() and not (partial / "COMPLETE").exists(), "the kill came between the shards and the mark"
     assert (out / "checkpoints" / "step00000002" / "COMPLETE").exists()
-    code, output = launch(config, "train.resume=auto")
+    code, output = launch(config, "train.resume=auto", "train.peak_tflops=0.07")  # a resumed run may change the peak
     assert code == 0, output[-3000:]
     assert "step00000002 at step 2" in output
+    assert "throughput/mfu against a peak of 0.07 TFLOPS per rank (train.peak_tflops)" in output
     ref, got = losses(ref_out), losses(out)
     for step in range(3, 8):
         assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-6), (step, got, ref)
@@ -599,7 +611,8 @@ def test_tensorboard_events_hold_every_step_value(reference, corpus, tokens):
     rows = {row["step"]: row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
     expected_tags = {"loss/total", "loss/text", "loss/audio", *(f"loss/audio_cb{k}" for k in range(8)), "lr",
                      "grad_norm", "tokens/text_learnable", "tokens/audio_learnable", "tokens/learnable_share",
-                     "throughput/tps", "throughput/samples_per_s", "time/step_s", "time/data_wait_share",
+                     "throughput/tokens_per_s", "throughput/tokens_per_s_per_rank", "throughput/samples_per_s",
+                     "throughput/model_tflops_per_rank", "throughput/mfu", "time/step_s", "time/data_wait_share",
                      "memory/peak_rss_gib", "data/seen_samples", "data/corrupt_samples", "data/dropped_samples",
                      "data/blank_batches", "eval/total", "eval/text", "eval/audio", "eval/audio_cb7"}
     assert expected_tags <= set(scalars), sorted(expected_tags - set(scalars))

@@ -95,6 +95,9 @@ class TrainSection:
     hooks: list[str] = field(default_factory=list)  # "module:Class" StepHooks built on rank 0 with the RunConfig
     tensorboard: bool = True  # OUT/tensorboard event files (higgs_ds.hooks.TensorBoardHook)
     slice_every: int = 50  # prediction-vs-label slices in TensorBoard every N steps (0 = never)
+    # throughput/mfu's peak per rank in TFLOPS; None: the GPU table (bf16 dense) or, on the CPU, a matmul measured
+    # at start-up (higgs_ds/train/flops.py). Set it for a GPU the table does not know.
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -224,6 +227,8 @@ def check(config: RunConfig) -> None:
                             ("data.num_workers", d.num_workers, 0), ("optim.warmup_steps", o.warmup_steps, 0),
                             ("train.eval_every", t.eval_every, 0), ("train.save_every", t.save_every, 0)):
         need(value >= low, key, f"must be >= {low}, got {value}")
+    need(t.peak_tflops is None or (math.isfinite(t.peak_tflops) and t.peak_tflops > 0), "train.peak_tflops",
+         f"must be > 0 (or null: the GPU table, or measured on the CPU), got {t.peak_tflops}")
     need((d.max_tokens is None) != (d.batch_size is None), "data.max_tokens / data.batch_size",
          "give exactly one (the other null)")
     need((d.max_tokens or 1) >= 1 and (d.batch_size or 1) >= 1, "data.max_tokens / data.batch_size", "must be >= 1")
@@ -287,7 +292,7 @@ REMOVED = {"model": {"leak_labels_for_tests": False}}
 
 # Train-section keys a resumed run may change (logging, stopping, where things go); the rest must match.
 RESUMABLE = ("resume", "max_steps", "epochs", "log_every", "hooks", "trace_samples", "tensorboard", "eval_every",
-             "max_skipped_steps", "slice_every", "save_every", "keep_last", "out_dir", "deepspeed")
+             "max_skipped_steps", "slice_every", "save_every", "keep_last", "out_dir", "deepspeed", "peak_tflops")
 
 
 def fingerprint(config: RunConfig, as_saved_before: bool = False) -> str:

@@ -23,6 +23,7 @@ from ..model.losses import LossSums
 from . import checkpointing
 from .config import fingerprint
 from .engine import build_engine, build_model, set_schedule
+from .flops import ModelFlops, Work, peak_tflops
 from .loaders import make_loader, steps_left
 from .metrics import MetricsLog, StepTimer, StepTotals, all_reduce_sum, peak_rss_gib, step_line, step_metrics
 from .preflight import Setup
@@ -51,6 +52,15 @@ class Trainer:
         self.parts = build_engine(setup, model, trainable, self.total_steps,
                                   saved_world=self.saved["world_size"] if self.saved else self.world)
         self.engine, self.device = self.parts.engine, self.parts.device
+        # Model FLOPs per micro-batch (what trains decides the backward's matmuls) and this rank's device peak: on the
+        # CPU measured now, on every rank at once (deepspeed.initialize's collectives just lined them up).
+        self.model_flops = ModelFlops.of(self.engine.module)
+        self.peak_tflops, peak_source = peak_tflops(self.device, t.peak_tflops)
+        if self.rank == 0:
+            if self.peak_tflops is None:
+                log.info("no throughput/mfu: %s; set train.peak_tflops (TFLOPS per rank) for it", peak_source)
+            else:
+                log.info("throughput/mfu against a peak of %.3g TFLOPS per rank (%s)", self.peak_tflops, peak_source)
         # Runtime randomness (dropout): a seed per rank, so ranks draw different masks; the weights' init used
         # model.init_seed on every rank alike. torch.manual_seed seeds the accelerators' generators too.
         torch.manual_seed(t.seed + self.rank)
@@ -194,6 +204,7 @@ class Trainer:
             self.engine.step()
             totals.losses = totals.losses + result.sums()  # on the device: no host sync per micro-batch
             totals.tokens += batch.num_tokens
+            totals.flops += self.model_flops(Work.of(batch))
             totals.samples += len(batch.sample_keys)
             self._trace(n, batch)
             if want:
@@ -225,7 +236,7 @@ class Trainer:
             self.tracing = False
 
     def _metrics(self, totals: StepTotals, seconds: float, data_seconds: float, skipped: bool) -> dict[str, float]:
-        metrics = step_metrics(totals, self.engine.module.loss_config, seconds)
+        metrics = step_metrics(totals, self.engine.module.loss_config, seconds, self.world, self.peak_tflops)
         grad_norm = self.engine.get_global_grad_norm()
         metrics.update({"memory/peak_rss_gib": peak_rss_gib(), "lr": float(self.parts.schedule.get_last_lr()[0]),
                         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
