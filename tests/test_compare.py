@@ -18,7 +18,7 @@ LAYOUT = {"loss/total": ("train", "loss/total"), "loss/text": ("train", "loss/te
           "eval/audio": ("eval", "loss/audio"),
           **{f"eval/audio_cb{k}": ("eval", f"loss_codebook/cb{k}") for k in range(8)},
           "lr": ("train", "optim/lr"), "grad_norm": ("train", "optim/grad_norm"),
-          "throughput/tps": ("train", "throughput/tps"), "data/seen_samples": ("train", "stream/seen_samples")}
+          "throughput/mfu": ("train", "throughput/mfu"), "data/seen_samples": ("train", "stream/seen_samples")}
 
 
 def losses(steps: int, eval_every: int) -> dict[str, dict[int, float]]:

@@ -237,3 +237,23 @@ def test_marked_sample_shows_learnable_spans_and_audio(tokenizer, tokens):
     assert re.search(r"<audio-out ×\d+>", text) and "⟦" in text and "⟧" in text
     assert "Again." in text  # the prompt is shown, unmarked
     assert not re.search(r"⟦[^⟧]*Again\.", text)
+
+
+@pytest.mark.parametrize("layout, seed", LAYOUTS[:2])
+def test_an_unshifted_loss_still_shows_its_audio_rows_copying(tokenizer, tokens, layout, seed, monkeypatch):
+    """The classic leak (labels at t compared with the logits at t) moves every audio label one frame, onto the
+    delay ramp's -100 for row 0: the table must still show the segment's rows, and them equal to their inputs."""
+    from higgs_ds.model import modeling
+    from higgs_ds.model.losses import Targets
+
+    def unshifted(label_ids, audio_out_labels, index):
+        return Targets(text=label_ids.flatten()[index.text_target_positions],
+                       audio=audio_out_labels[:, index.audio_target_frames].T)
+
+    monkeypatch.setattr(modeling, "next_token_targets", unshifted)
+    p = logged(tokenizer, tokens, seed, layout).p
+    table = audio_table(dict(p, audio_predictions=p["audio_inputs"].clone()))
+    assert counts(table)["labels = input"] == counts(table)["prediction = input"] == "100%"
+    assert rows(table) and {r[-1] for r in rows(table)} == {f"{AUDIO.num_codebooks}/{AUDIO.num_codebooks}"}
+    for row in rows(table):
+        assert row[3] == row[4], row  # every label is its own input

@@ -14,7 +14,8 @@ K = 8
 # The metric names a step and an evaluation report (higgs_ds/train/metrics.py, trainer.py), as in metrics.jsonl.
 STEP = ["loss/total", "loss/text", "loss/audio", *(f"loss/audio_cb{k}" for k in range(K)), "lr", "grad_norm",
         "tokens/text_learnable", "tokens/audio_learnable", "tokens/total", "tokens/learnable_share",
-        "throughput/tps", "throughput/samples_per_s", "time/step_s", "time/data_wait_share", "time/eta_s",
+        "throughput/tokens_per_s", "throughput/tokens_per_s_per_rank", "throughput/model_tflops_per_rank",
+        "throughput/mfu", "throughput/samples_per_s", "time/step_s", "time/data_wait_share", "time/eta_s",
         "memory/peak_rss_gib", "train/step_skipped", "train/skipped_steps"]
 EVALUATED = ["eval/total", "eval/text", "eval/audio", *(f"eval/audio_cb{k}" for k in range(K))]
 STREAM = {"epoch": 0, "position": 3, "batches_per_epoch": 9, "planned_samples": 40, "seen_samples": 12,

@@ -106,8 +106,10 @@ def audio_rows(p: dict) -> list[tuple[int, int, int]]:
         end = starts[n + 1] if n + 1 < len(starts) else labels.shape[0]
         t = torch.arange(max(end - s - int(shift[-1]), 0))
         learnable = (labels[s + t[:, None] + shift, torch.arange(k)] != IGNORE).all(dim=1)
-        count = int(learnable.cumprod(0).sum())  # rows 0..T: all codebooks learnable, up to the eos row
-        out += [(s, j, count - 1) for j in range(count)]
+        # Rows 0..T: all codebooks learnable, up to the eos row. An unshifted loss moves every label one frame
+        # (row 0 then falls on the delay ramp's -100s): its rows are still shown, so that the copying shows.
+        rows = learnable.nonzero().squeeze(1).tolist()
+        out += [(s, j, len(rows) - 1) for j in rows]
     return out
 
 
