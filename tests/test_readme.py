@@ -164,6 +164,11 @@ def test_the_docs_cpu_commands_run_verbatim_in_order(tmp_path, readme_out_lock):
     assert json.loads(Path("/tmp/higgs-example-plan.json").read_text())["data"]["samples"] == 20
     steps = [json.loads(line) for line in Path("/tmp/higgs-example-run/metrics.jsonl").read_text().splitlines()]
     assert len(steps) >= 4 and steps[-1]["loss/total"] < steps[0]["loss/total"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator("/tmp/higgs-example-run/tensorboard/train", size_guidance={"scalars": 0})
+    events.Reload()
+    assert {e.value for e in events.Scalars("problems/alarms")} == {0.0}, "no guard (text or audio) fires on it"
     assert re.search(r"^loss/audio_cb7 +\d+\.\d+$", out, re.M)  # evaluate's table
     for layout in ("port", "boson"):
         assert (Path("/tmp/higgs-example-export") / layout / "model.safetensors").exists()
