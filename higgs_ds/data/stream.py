@@ -245,7 +245,6 @@ class ShardLoader:
             raise ValueError(f"{self.manifest.path}: the collator's special tokens/audio settings differ from the "
                              "shards' (built for another tokenizer or model config)")
         self.collator, self.num_workers, self.workers = collator, num_workers, max(1, num_workers)
-        self._context = worker_context() if num_workers else None
         self.seed, self.shuffle, self.shuffle_buffer, self.num_epochs = seed, shuffle, shuffle_buffer, num_epochs
         self.budget = Budget(max_tokens, batch_size, collator.layout, collator.round_to, collator.pack_length)
         self.lengths = ShardLengths([s.samples for s in self.manifest.shards],
@@ -307,7 +306,7 @@ class ShardLoader:
             # every iter(), so a run resumed mid-epoch would see other dropout masks than an uninterrupted one.
             loader = DataLoader(rank_epoch, batch_size=None, collate_fn=_identity, num_workers=self.num_workers,
                                 generator=torch.Generator().manual_seed(self.seed),
-                                multiprocessing_context=self._context,
+                                multiprocessing_context=worker_context() if self.num_workers else None,
                                 worker_init_fn=functools.partial(_exit_with, os.getpid()) if self.num_workers else None)
             for batch, report in loader:
                 self._counts.update(report["counts"])
@@ -393,7 +392,6 @@ def worker_context():
     from, so that a worker imports nothing heavy itself."""
     import inspect
     import multiprocessing
-    import multiprocessing.forkserver
     import sys
 
     main = vars(sys.modules.get("__main__", sys))
@@ -402,8 +400,7 @@ def worker_context():
     preload = [__name__, *sorted(name for name in used if isinstance(name, str) and name in sys.modules
                                  and name not in ("__main__", "builtins"))]
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(preload)  # read once, when the server starts
-    multiprocessing.forkserver.ensure_running()
+    context.set_forkserver_preload(preload)  # read once, when the server starts (the first epoch's workers)
     return context
 
 
