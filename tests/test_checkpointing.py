@@ -153,7 +153,15 @@ def test_runs_saved_by_earlier_versions_still_load_and_resume(tmp_path):
     saved["model"]["leak_labels_for_tests"] = False
     (tmp_path / "config.json").write_text(json.dumps(saved))
     assert RunConfig.from_saved(tmp_path) == config
-    assert fingerprint(config, as_saved_before=True) == "977063432e8af0fe" != fingerprint(config)
+    assert fingerprint(saved) == "977063432e8af0fe" != fingerprint(config)
+    from higgs_ds.train.preflight import saved_by_an_earlier_version
+
+    config.train.out_dir = str(tmp_path)
+    saved["train"]["out_dir"] = str(tmp_path)  # out_dir may change on resume: the fingerprint leaves it out
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert saved_by_an_earlier_version(config, "977063432e8af0fe")
+    config.optim.lr *= 2  # another config: refused
+    assert not saved_by_an_earlier_version(config, "977063432e8af0fe")
     saved["model"]["no_such_key"] = 1  # anything else unknown is still an error
     (tmp_path / "config.json").write_text(json.dumps(saved))
     with pytest.raises(RunConfigError, match=r"config\.json: not a run's saved config \(Key 'no_such_key' not in"):

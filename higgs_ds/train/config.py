@@ -141,14 +141,11 @@ class RunConfig:
     @classmethod
     def from_saved(cls, run_dir: str | Path) -> "RunConfig":
         """The resolved config a run saved as OUT/config.json (what evaluate and export read), typed (an unknown key
-        or a wrong type is an error, as in a run YAML; keys earlier versions wrote and that are gone are dropped).
+        or a wrong type is an error, as in a run YAML; a switch earlier versions wrote, saved off, is dropped).
         Values are not checked: a finished run's shards may be gone."""
         path = Path(run_dir) / "config.json"
         try:
-            saved = json.loads(path.read_text())
-            for section, keys in REMOVED.items():
-                for key in keys:
-                    saved.get(section, {}).pop(key, None)
+            saved = retire_switches(json.loads(path.read_text()))
             merged = OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(saved))
             return OmegaConf.to_object(merged)
         except (OSError, ValueError, OmegaConfBaseException) as exc:
@@ -286,26 +283,28 @@ def deepspeed_config(config: RunConfig, world_size: int) -> dict[str, Any]:
     return ds
 
 
-# Keys earlier versions had, with the value their runs all saved: model.leak_labels_for_tests planted a bug for the
-# tests (now planted by tests/launch_with_faults.py).
-REMOVED = {"model": {"leak_labels_for_tests": False}}
+def retire_switches(saved: dict) -> dict:
+    """A saved config without the switches later versions retired: unknown keys saved as `false` (off, as every
+    run that kept working saved them). Any other unknown key stays, and the caller refuses it."""
+    fields = asdict(RunConfig())
+    return {section: {k: v for k, v in values.items() if k in fields.get(section, {}) or v is not False}
+            if isinstance(values, dict) else values for section, values in saved.items()}
+
 
 # Train-section keys a resumed run may change (logging, stopping, where things go); the rest must match.
 RESUMABLE = ("resume", "max_steps", "epochs", "log_every", "hooks", "trace_samples", "tensorboard", "eval_every",
              "max_skipped_steps", "slice_every", "save_every", "keep_last", "out_dir", "deepspeed", "peak_tflops")
 
 
-def fingerprint(config: RunConfig, as_saved_before: bool = False) -> str:
-    """What a resumed run must share with the saved one (everything but the knobs that may change on resume).
-    `as_saved_before`: as versions that still had the REMOVED keys hashed it (their runs resume too)."""
+def fingerprint(config: RunConfig | dict) -> str:
+    """What a resumed run must share with the saved one (everything but the knobs that may change on resume); of a
+    RunConfig or of a config dict as a run saved it (OUT/config.json, whichever version wrote it)."""
+    import copy
     import hashlib
 
-    d = config.to_dict()
-    if as_saved_before:
-        for section, keys in REMOVED.items():
-            d[section].update(keys)
+    d = copy.deepcopy(config) if isinstance(config, dict) else config.to_dict()
     for key in RESUMABLE:
-        d["train"].pop(key)
-    d["data"].pop("num_workers")
-    d.pop("guards")
+        d["train"].pop(key, None)
+    d["data"].pop("num_workers", None)
+    d.pop("guards", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

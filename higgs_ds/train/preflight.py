@@ -4,6 +4,7 @@ problem is one RunConfigError message (printed once, by rank 0, as an `error:` l
 the resolved config, the data plan and the model-state memory per GPU."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,7 @@ def preflight(config: RunConfig, world_size: int, rank: int = 0, local_rank: int
                                                           config.train.resume, announce=rank == 0))
     if setup.resume_from is not None:
         saved = checkpointing.load_client(setup.resume_from)["fingerprint"]
-        if saved not in (fingerprint(config), fingerprint(config, as_saved_before=True)):
+        if saved != fingerprint(config) and not saved_by_an_earlier_version(config, saved):
             raise RunConfigError(f"train.resume {setup.resume_from}: saved by a run with another config (fingerprint "
                                  f"{saved} vs {fingerprint(config)}; only {', '.join(RESUMABLE)} may change)")
     if local_rank == 0:
@@ -105,6 +106,17 @@ def trained_names(config: RunConfig, vocabulary: Vocabulary) -> list[str]:
             raise RunConfigError(f"{which}: no parameter of this model would train (names look like {names[0]}, "
                                  f"{names[-1]})")
     return names
+
+
+def saved_by_an_earlier_version(config: RunConfig, saved: str) -> bool:
+    """A checkpoint whose fingerprint is its run's OUT/config.json as an earlier version wrote it (with switches
+    since retired), when that config, those dropped, is this run's."""
+    path = Path(config.train.out_dir) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+        return fingerprint(raw) == saved and fingerprint(RunConfig.from_saved(path.parent)) == fingerprint(config)
+    except (OSError, ValueError, KeyError, RunConfigError):
+        return False
 
 
 def check_out_dir(out_dir: str) -> None:
