@@ -15,7 +15,7 @@ What differs from the port's forward:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -105,11 +105,13 @@ class Routing:
 
 @dataclass
 class AttentionInputs:
-    """What every layer's attention needs: RoPE cos/sin and either a block mask (SDPA) or varlen flash kwargs."""
+    """What every layer's attention needs: RoPE cos/sin and either a block mask (SDPA) or varlen flash kwargs;
+    in generation also the KV cache (transformers' Cache, one layer per decoder layer)."""
 
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
-    mask: torch.Tensor | None = None  # bool [B, 1, L, L]
+    mask: torch.Tensor | None = None  # bool [B, 1, L, L] (with a cache: [B, 1, L, cached + L])
     flash_kwargs: dict = field(default_factory=dict)
+    cache: Any = None
 
 
 def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -174,7 +176,7 @@ class DualFFNDecoderLayer(nn.Module):
         text, audio = grouped[: routing.num_text], grouped[routing.num_text:]
         normed = torch.cat([self.input_layernorm(text), self.audio_input_layernorm(audio)])
         attended, _ = self.self_attn(routing.to_sequence(normed), attention.position_embeddings, attention.mask,
-                                     **attention.flash_kwargs)
+                                     cache=attention.cache, **attention.flash_kwargs)
         grouped = grouped + routing.to_grouped(attended)
         text, audio = grouped[: routing.num_text], grouped[routing.num_text:]
         return grouped + torch.cat([self.mlp(self.post_attention_layernorm(text)),
@@ -208,6 +210,9 @@ class HiggsAudioBackbone(nn.Module):
             attention.flash_kwargs = varlen_flash_kwargs(index)
         elif index.needs_block_mask:  # one unpadded sample per row needs no mask: SDPA's causal path
             attention.mask = block_causal_mask(segment_ids)
+        return self.layers_and_norm(hidden, routing, attention)
+
+    def layers_and_norm(self, hidden: torch.Tensor, routing: Routing, attention: AttentionInputs) -> torch.Tensor:
         grouped = routing.to_grouped(hidden)
         for layer in self.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -215,6 +220,23 @@ class HiggsAudioBackbone(nn.Module):
             else:
                 grouped = layer(grouped, routing, attention)
         return routing.to_sequence(self.norm(grouped))
+
+    def decode(self, input_ids: torch.Tensor, audio_mask: torch.Tensor, audio_codes: torch.Tensor,
+               position_ids: torch.Tensor, mask: torch.Tensor, cache=None) -> torch.Tensor:
+        """Generation's forward: input_ids [B, S] (any id at audio positions), audio_mask bool [B, S], audio_codes
+        [K, n] the codes of the n audio positions in row-major order, position_ids [B, S], mask bool
+        [B, 1, S, cached + S] (True = attend), cache: transformers' Cache or None. Every module runs on every call
+        (zero-row slices for an absent modality), as ZeRO-3 needs. Returns final-normed hidden states [B, S, H]."""
+        embeds = self.embed_tokens(input_ids)
+        audio_positions = audio_mask.flatten().nonzero().squeeze(1)
+        hidden = embeds.flatten(0, 1).index_copy(0, audio_positions,
+                                                 self.embed_audio_tokens(audio_codes.T).to(embeds.dtype))
+        hidden = hidden.view_as(embeds)
+        text_positions = (~audio_mask).flatten().nonzero().squeeze(1)
+        order = torch.cat([text_positions, audio_positions])
+        routing = Routing(order, torch.argsort(order), text_positions.shape[0], tuple(input_ids.shape))
+        attention = AttentionInputs(self.rotary_emb(hidden, position_ids), mask=mask, cache=cache)
+        return self.layers_and_norm(hidden, routing, attention)
 
 
 class HiggsAudioForTraining(nn.Module):
