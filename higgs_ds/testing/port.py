@@ -35,3 +35,17 @@ def port_inputs(batch: Batch, config: HiggsAudioV2Config) -> dict[str, torch.Ten
     return dict(input_ids=batch.input_ids.masked_fill(is_audio, config.audio_token_id),
                 attention_mask=batch.attention_mask, position_ids=batch.position_ids, audio_input_ids=audio_input_ids,
                 audio_input_ids_mask=audio_mask, labels=batch.label_ids, audio_labels=audio_labels)
+
+
+def port_generate(port, prompt, max_frames: int, **sampling) -> torch.Tensor:
+    """transformers' own `generate` on one generation prompt (higgs_ds.generate.Prompt): its new delayed frames
+    [K, n] (the first all stream-bos). The port generates the audio stream only; a prompt without audio passes no
+    audio arguments (the port's prepare_inputs_for_generation takes an empty audio_input_ids for a decode step)."""
+    ids = prompt.input_ids.clone()
+    ids[prompt.audio_mask] = port.config.audio_token_id
+    frames = prompt.audio_codes.shape[1]
+    audio = dict(audio_input_ids=prompt.audio_codes.T[None],
+                 audio_input_ids_mask=torch.ones(1, frames, dtype=torch.bool)) if frames else {}
+    with torch.no_grad():
+        out = port.generate(input_ids=ids[None], max_new_tokens=max_frames, **audio, **sampling)
+    return out[0, frames:].T
