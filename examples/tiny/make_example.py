@@ -104,6 +104,21 @@ def model_config(tokenizer_dir: Path) -> dict:
     }
 
 
+def prompts() -> list[dict]:
+    """Generation prompts (launch/generate.py): the conversation up to the assistant turn to generate. TTS, voice
+    cloning (the reference clip of clone-01 in an earlier assistant turn), and a turn that may start with text."""
+    system = {"role": "system", "content": "Generate audio following instruction."}
+    return [
+        {"id": "tts", "messages": [system, {"role": "user", "content": "The quick brown fox jumps over the lazy dog."}]},
+        {"id": "clone", "messages": [
+            {"role": "system", "content": "Generate audio following instruction. Speak in the voice of the reference clip."},
+            {"role": "user", "content": "The quick brown fox jumps over the lazy dog."},
+            {"role": "assistant", "content": {"type": "audio", "audio_url": "codes/clone-01-ref.npy"}},
+            {"role": "user", "content": "Please read the text aloud."}]},
+        {"id": "chat", "force_audio": False, "messages": [{"role": "user", "content": "Say hello, then read it."}]},
+    ]
+
+
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / "codes", ignore_errors=True)
@@ -117,6 +132,7 @@ def main(out: Path) -> None:
 
     lines = [json.dumps(sample) for sample in samples(clip)]
     (out / "samples.jsonl").write_text("".join(line + "\n" for line in lines))
+    (out / "prompts.jsonl").write_text("".join(json.dumps(prompt) + "\n" for prompt in prompts()))
     if out.resolve() / "tokenizer" != TOKENIZER_SOURCE:
         shutil.rmtree(out / "tokenizer", ignore_errors=True)
         shutil.copytree(TOKENIZER_SOURCE, out / "tokenizer")
@@ -128,6 +144,6 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="Write the tiny example data set (24 ChatML samples, their codes, "
-                                     "a tiny tokenizer and model config) into a folder.")
+                                     "3 generation prompts, a tiny tokenizer and model config) into a folder.")
     parser.add_argument("out", nargs="?", type=Path, default=HERE, help="output folder (default: next to this file)")
     main(parser.parse_args().out)
