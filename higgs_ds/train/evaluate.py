@@ -13,34 +13,35 @@ from ..data.stream import ShardLoader
 from ..model import HiggsAudioForTraining, LossConfig
 from ..model.checkpoint import check_state_dict
 from ..model.losses import LossSums
-from ..vocabulary import load_vocabulary
+from ..vocabulary import Vocabulary, load_vocabulary
 from . import checkpointing
 from .config import RunConfig
+from .export import checkpoint_weights
 from .loaders import make_collator
-from .lora import apply_lora
-from .weights import load_pretrained
+
+
+def load_checkpoint(checkpoint: Path) -> tuple[HiggsAudioForTraining, Vocabulary, RunConfig]:
+    """A training checkpoint tag as a plain fp32 model in eval mode (the export's weights: a LoRA run's adapters
+    merged in, no PEFT layers), with its run's vocabulary and config. Evaluation and generation load it here."""
+    run = RunConfig.from_saved(checkpointing.run_dir(checkpoint))
+    m = run.model
+    vocabulary = load_vocabulary(m.tokenizer, m.pretrained or m.config, "model.tokenizer",
+                                 "model.pretrained" if m.pretrained else "model.config")
+    model = HiggsAudioForTraining(vocabulary.model_config, LossConfig(m.text_weight, m.audio_weight,
+                                                                      m.audio_reduction),
+                                  attn_implementation=m.attn_implementation, head_impl=m.head_impl)
+    params = dict(model.named_parameters())
+    state, _ = checkpoint_weights(checkpoint, run, vocabulary.model_config)
+    check_state_dict(state, {n: tuple(p.shape) for n, p in params.items()}, str(checkpoint))
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor.contiguous())  # one tensor gathered (or merged) at a time
+    return model.eval(), vocabulary, run
 
 
 def evaluate(checkpoint: Path, split: str, max_tokens: int | None = None) -> dict[str, float]:
-    run = RunConfig.from_saved(checkpointing.run_dir(checkpoint))
-    m, d = run.model, run.data
-    vocabulary = load_vocabulary(m.tokenizer, m.pretrained or m.config, "model.tokenizer",
-                                 "model.pretrained" if m.pretrained else "model.config")
-    model_config = vocabulary.model_config
-    model = HiggsAudioForTraining(model_config, LossConfig(m.text_weight, m.audio_weight, m.audio_reduction),
-                                  attn_implementation=m.attn_implementation, head_impl=m.head_impl)
-    lora = run.lora if run.lora.rank else None
-    if lora is not None:  # the checkpoint holds the adapters and the extras; the base is the pretrained checkpoint
-        load_pretrained(model, m.pretrained, model_config)
-        apply_lora(model, lora)
-    params = dict(model.named_parameters())
-    state = checkpointing.consolidated_state(checkpoint)  # a LoRA run's: what it trained, and nothing else
-    check_state_dict(state, {n: tuple(p.shape) for n, p in params.items() if lora is None or p.requires_grad},
-                     str(checkpoint))
-    with torch.no_grad():
-        for name, tensor in state.items():
-            params[name].copy_(tensor.contiguous())  # one tensor gathered at a time
-    model.eval()
+    model, vocabulary, run = load_checkpoint(checkpoint)
+    model_config, d = vocabulary.model_config, run.data
     budget = max_tokens or d.max_tokens
     loader = ShardLoader(split, make_collator(run, vocabulary.tokens, model_config.audio), rank=0, world_size=1,
                          max_tokens=budget, batch_size=None if budget else d.batch_size, shuffle=False, num_epochs=1,

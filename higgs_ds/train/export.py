@@ -32,14 +32,9 @@ def export(checkpoint: Path, out: Path, layouts: list[str], max_shard_bytes: int
     tokenizer_dir = Path(m.tokenizer)
     model_config = load_vocabulary(m.tokenizer, m.pretrained or m.config, "model.tokenizer",
                                    "model.pretrained" if m.pretrained else "model.config").model_config
-    state = checkpointing.consolidated_state(checkpoint)
+    state, trained = checkpoint_weights(checkpoint, run, model_config)
     lora = run.lora if run.lora.rank else None
-    trained = None
-    if lora is not None:  # the checkpoint holds the adapters and the parameters trained in full only
-        expected = expected_shapes(model_config)
-        trained = {k: v for k, v in state.items() if ADAPTER in k or k in expected}
-        state = merged_state(m.pretrained, trained, alpha_of(lora) / lora.rank)
-    elif "peft" in layouts:
+    if lora is None and "peft" in layouts:
         raise ValueError(f"{checkpoint}: --layout peft exports LoRA adapters, and this run trained without LoRA "
                          "(lora.rank=0)")
 
@@ -47,6 +42,18 @@ def export(checkpoint: Path, out: Path, layouts: list[str], max_shard_bytes: int
         save_peft_adapter(trained, target, lora, base_model=peft_base(Path(m.pretrained), target, tokenizer_dir))
 
     return write(state, model_config, out, layouts, tokenizer_dir, max_shard_bytes, peft)
+
+
+def checkpoint_weights(checkpoint: Path, run: RunConfig, model_config) -> tuple[dict, dict | None]:
+    """A checkpoint's full port-layout weights, lazily gathered from the ZeRO shards, and a LoRA run's trained
+    tensors (None for a full run): its checkpoint holds the adapters and the parameters trained in full only, so
+    the weights are the adapters merged into model.pretrained."""
+    state = checkpointing.consolidated_state(checkpoint)
+    if not run.lora.rank:
+        return state, None
+    expected = expected_shapes(model_config)
+    trained = {k: v for k, v in state.items() if ADAPTER in k or k in expected}
+    return merged_state(run.model.pretrained, trained, alpha_of(run.lora) / run.lora.rank), trained
 
 
 def peft_base(pretrained: Path, adapter_dir: Path, tokenizer_dir: Path) -> str:
