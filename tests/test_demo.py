@@ -29,7 +29,7 @@ CONFIG = json.loads((DEMO / "config.json").read_text())
 STEPS = 80  # the short demo: about 40 s of training here (the full one runs 300)
 
 
-gen = load_script(DEMO / "generate.py", "demo_generate")
+gen = load_script(DEMO / "make_corpus.py", "demo_make_corpus")
 
 
 def entropy(p) -> float:
@@ -94,7 +94,7 @@ def test_floor_of_two_samples_by_hand():
 
 def true_nll(process, clip: np.ndarray, posterior: np.ndarray) -> np.ndarray:
     """-log p of each codebook's labels of a learnt clip under the process, from what the model sees (written
-    apart from generate.py's entropy code): frame 0 through the speaker posterior, then the copy rule; eos: 0."""
+    apart from make_corpus.py's entropy code): frame 0 through the speaker posterior, then the copy rule; eos: 0."""
     eps0, eps, used = process.p["first_frame_noise"], process.p["frame_noise"], process.palette.shape[1]
     posterior = posterior / posterior.sum()
     out = np.zeros(process.k)

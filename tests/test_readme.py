@@ -370,7 +370,7 @@ def test_the_docs_launcher_lines_parse_with_the_launchers_own_parsers():
 
 
 COMMANDS = [["launch/train.py"], ["launch/evaluate.py"], ["launch/export.py"], ["launch/compare_runs.py"],
-            ["-m", "data_tools.build_shards"], ["-m", "data_tools.shard_tools"], ["examples/demo/generate.py"],
+            ["-m", "data_tools.build_shards"], ["-m", "data_tools.shard_tools"], ["examples/demo/make_corpus.py"],
             ["examples/tiny/make_example.py"], ["docs/make_screenshot.py"],
             *([f"benchmarks/{p.name}"] for p in sorted((ROOT / "benchmarks").glob("*.py")))]
 SCRIPTS = ["demo.sh", "test.sh", "setup.sh", "launch/slurm_train.sh",

@@ -4,8 +4,8 @@ ZeRO-3 run (TensorBoard, guards) -> evaluation -> export (both layouts) -> the f
     ./demo.sh [--out DIR] [--steps N] [section.key=value ...]
 
 Under --out (default: outputs/demo in the repository):
-  data/     the corpus (examples/demo/generate.py) and floor.json; regenerated only when params.json,
-            generate.py or the model config changed (data/stamp.json)
+  data/     the corpus (examples/demo/make_corpus.py) and floor.json; regenerated only when params.json,
+            make_corpus.py or the model config changed (data/stamp.json)
   shards/   train/train and val/val; rebuilt only when the data stamp or the shards' fingerprint (tokenizer, audio
             settings) changed, so a rerun reuses them
   runs/     one fresh run directory per invocation (runs/YYYYmmdd-HHMMSS): a rerun never resumes or overwrites an
@@ -62,7 +62,7 @@ def call(command: list, **kwargs) -> subprocess.CompletedProcess:
 
 def data(out: Path) -> tuple[Path, dict]:
     """The generated corpus, regenerated only when its inputs changed."""
-    stamp = sha256(HERE / "params.json", HERE / "generate.py", HERE / "config.json")
+    stamp = sha256(HERE / "params.json", HERE / "make_corpus.py", HERE / "config.json")
     folder = out / "data"
     if (folder / "stamp.json").exists() and json.loads((folder / "stamp.json").read_text())["inputs"] == stamp:
         log(f"data: reusing {folder}")
@@ -70,7 +70,7 @@ def data(out: Path) -> tuple[Path, dict]:
         log(f"data: generating {folder}")
         partial = out / f"data.partial-{os.getpid()}"  # in place only when complete: an interrupted run leaves none
         shutil.rmtree(partial, ignore_errors=True)
-        call([sys.executable, HERE / "generate.py", partial], capture_output=True)  # its floor: printed below
+        call([sys.executable, HERE / "make_corpus.py", partial], capture_output=True)  # its floor: printed below
         (partial / "stamp.json").write_text(json.dumps({"inputs": stamp}) + "\n")
         shutil.rmtree(folder, ignore_errors=True)
         partial.rename(folder)

@@ -1,6 +1,6 @@
 """The demo corpus: TTS-like ChatML samples drawn from a process whose loss floor is known exactly.
 
-    python examples/demo/generate.py OUT [--params examples/demo/params.json] [--model-config examples/demo]
+    python examples/demo/make_corpus.py OUT [--params examples/demo/params.json] [--model-config examples/demo]
 
 writes OUT/train.jsonl, OUT/val.jsonl (the format of examples/tiny/samples.jsonl), OUT/codes/*.npy (int16 [K, T])
 and OUT/floor.json. The same params (seed included) give the same bytes.
