@@ -115,6 +115,19 @@ def tiny_codec_config() -> HiggsAudioV2TokenizerConfig:
                                "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2})
 
 
+def save_tiny_codec(directory: Path) -> Path:
+    """A random tiny codec (tiny_codec_config) saved to `directory`: codebooks drawn at random (they init to zero),
+    so codes and decoded audio vary."""
+    from transformers import HiggsAudioV2TokenizerModel
+
+    torch.manual_seed(0)
+    model = HiggsAudioV2TokenizerModel(tiny_codec_config()).eval()
+    for quantizer in model.quantizer.quantizers:
+        quantizer.codebook.embed.normal_()
+    model.save_pretrained(directory)
+    return directory
+
+
 # -------------------------------------------------------------------------------------------- ChatML, samples, shards
 
 def chatml(i: int, url) -> dict:

@@ -13,19 +13,15 @@ import torch
 import torchaudio
 from transformers import HiggsAudioV2TokenizerModel
 
-from helpers import CODEC_RATE, TINY_MODEL, build, tiny_codec_config
+from helpers import CODEC_RATE, TINY_MODEL, build, save_tiny_codec
 from higgs_ds.data.shards import Manifest, decode_sample, read_shard
 
 
 @pytest.fixture(scope="module")
 def codec_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = HiggsAudioV2TokenizerModel(tiny_codec_config()).eval()
-    assert model.config.num_quantizers == 8 and model.config.frame_rate == 25
-    for quantizer in model.quantizer.quantizers:  # random codebooks (they init to zero) so codes vary
-        quantizer.codebook.embed.normal_()
-    directory = tmp_path_factory.mktemp("codec")
-    model.save_pretrained(directory)
+    directory = save_tiny_codec(tmp_path_factory.mktemp("codec"))
+    config = HiggsAudioV2TokenizerModel.from_pretrained(directory).config
+    assert config.num_quantizers == 8 and config.frame_rate == 25
     return directory
 
 

@@ -369,8 +369,9 @@ def test_the_docs_launcher_lines_parse_with_the_launchers_own_parsers():
     assert launchers == {"deepspeed", "torchrun"}
 
 
-COMMANDS = [["launch/train.py"], ["launch/evaluate.py"], ["launch/export.py"], ["launch/compare_runs.py"],
-            ["-m", "data_tools.build_shards"], ["-m", "data_tools.shard_tools"], ["examples/demo/make_corpus.py"],
+COMMANDS = [["launch/train.py"], ["launch/evaluate.py"], ["launch/export.py"], ["launch/generate.py"],
+            ["launch/compare_runs.py"], ["-m", "data_tools.build_shards"], ["-m", "data_tools.shard_tools"],
+            ["examples/demo/make_corpus.py"],
             ["examples/tiny/make_example.py"], ["docs/make_screenshot.py"],
             *([f"benchmarks/{p.name}"] for p in sorted((ROOT / "benchmarks").glob("*.py")))]
 SCRIPTS = ["demo.sh", "test.sh", "setup.sh", "launch/slurm_train.sh",
@@ -390,11 +391,12 @@ def check_help(argv: list[str], cwd: Path, env: dict[str, str]) -> None:
 def tool_parsers() -> dict[str, argparse.ArgumentParser]:
     """The argument parsers of the product's commands: the launch tools and the data tools (each subcommand)."""
     from data_tools import build_shards, shard_tools
+    from higgs_ds.generate import cli as generate
     from higgs_ds.hooks import compare
     from higgs_ds.train import evaluate, export, runtime
 
-    parsers = {p.prog: p for p in (runtime.parser(), evaluate.parser(), export.parser(), compare.parser(),
-                                   build_shards.parser(), shard_tools.parser())}
+    parsers = {p.prog: p for p in (runtime.parser(), evaluate.parser(), export.parser(), generate.parser(),
+                                   compare.parser(), build_shards.parser(), shard_tools.parser())}
     tools = parsers[shard_tools.parser().prog]
     commands = next(a for a in tools._actions if isinstance(a, argparse._SubParsersAction)).choices
     return {**parsers, **{p.prog: p for p in commands.values()}}
@@ -402,8 +404,8 @@ def tool_parsers() -> dict[str, argparse.ArgumentParser]:
 
 @pytest.mark.parametrize("prog", sorted(tool_parsers()))
 def test_every_option_says_what_it_does_and_its_default(prog):
-    """Every option of launch/train.py, evaluate.py, export.py, compare_runs.py, higgs-build-shards and each
-    higgs-shards subcommand has help, and the help of one with a default (not None) shows that default."""
+    """Every option of launch/train.py, evaluate.py, export.py, generate.py, compare_runs.py, higgs-build-shards and
+    each higgs-shards subcommand has help, and the help of one with a default (not None) shows that default."""
     parser = tool_parsers()[prog]
     entries = [" ".join(entry.split()) for entry in re.split(r"\n(?=  \S)", parser.format_help())]
     for action in parser._actions:

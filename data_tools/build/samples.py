@@ -7,7 +7,7 @@ import json
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -63,14 +63,27 @@ def init_worker(spec: BuildSpec) -> None:
 
 
 def load_codes(ref: AudioRef, where: str) -> np.ndarray:
-    """The codes [K, T] of one audio item: a .npy file of codes, or an audio file the codec encodes. Shapes and
-    ranges are checked by the sample validator."""
+    """The worker's `read_codes`: its spec's folder, its codec loaded on the first audio file."""
     spec: BuildSpec = _worker["spec"]
+
+    def codec() -> CodecEncoder:
+        if _worker["codec"] is None:
+            _worker["codec"] = CodecEncoder(spec.codec_dir)
+        return _worker["codec"]
+
+    return read_codes(ref, where, spec.base_dir, codec if spec.codec_dir is not None else None)
+
+
+def read_codes(ref: AudioRef, where: str, base_dir: Path,
+               codec: Callable[[], Callable[[Path], np.ndarray]] | None) -> np.ndarray:
+    """The codes [K, T] of one audio item: a .npy file of codes, or an audio file that `codec()` (the encoder;
+    None: no --codec) encodes. Paths are relative to `base_dir` (the JSONL's folder). Shapes and ranges are checked
+    by the sample validator; every problem is a BadSample naming `where` and the item."""
     url = ref.item.get("audio_url")
     field = f"{where}: audio[{ref.index}].audio_url={url!r}"
     if not isinstance(url, str) or not url:
         raise BadSample(f"{where}: audio[{ref.index}]: needs an audio_url (inline raw_audio is not supported)")
-    path = Path(url) if Path(url).is_absolute() else spec.base_dir / url
+    path = Path(url) if Path(url).is_absolute() else base_dir / url
     try:
         found = path.is_file()
     except (OSError, ValueError) as exc:  # a component over NAME_MAX, an embedded NUL ...
@@ -82,12 +95,11 @@ def load_codes(ref: AudioRef, where: str) -> np.ndarray:
             return np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file
             raise BadSample(f"{field}: not a readable .npy array ({type(exc).__name__}: {exc})") from None
-    if spec.codec_dir is None:
+    if codec is None:
         raise BadSample(f"{field}: an audio file, but no --codec was given to encode it")
-    if _worker["codec"] is None:
-        _worker["codec"] = CodecEncoder(spec.codec_dir)
+    encode = codec()
     try:
-        return _worker["codec"](path)
+        return encode(path)
     except RuntimeError as exc:  # soundfile.LibsndfileError is a RuntimeError
         raise BadSample(f"{field}: cannot read/encode audio ({exc})") from exc
 
