@@ -128,8 +128,8 @@ def test_greedy_audio_equals_transformers_generate(release_like):
     ours = generate(model, prompts, vocabulary_of(model).tokens, SamplingConfig(max_frames=40), batch_size=2)
     compared = parted = 0
     for prompt, mine in zip(prompts, ours):
-        theirs = port_generate(port, prompt, 40, do_sample=False)
-        segment = mine.segments[0]
+        segment = mine.segments[0]  # 40 frames: 48 columns
+        theirs = port_generate(port, prompt, segment.shape[1], do_sample=False)
         ends = (segment == eos).any(0).nonzero()
         first = int(ends[0]) if ends.numel() else segment.shape[1]
         assert torch.equal(segment[:, :first], theirs[:, :first]), prompt.id
@@ -158,7 +158,7 @@ def test_an_eos_in_codebook_0_ends_the_segment_as_the_port_does(release_like):
     port_biased = HiggsAudioV2ForConditionalGeneration(model.config, use_text_head=True).eval()
     port_biased.load_state_dict(state)
     mine = generate(biased, [prompt], tokens, SamplingConfig(max_frames=60, max_text_tokens=3))[0]
-    theirs = port_generate(port_biased, prompt, 60, do_sample=False)
+    theirs = port_generate(port_biased, prompt, 60 + K, do_sample=False)
     segment = mine.segments[0]
     first = int((segment[0] == eos).nonzero()[0])
     assert first <= 12 and not (segment[1:, : first + 1] == eos).any()  # codebook 0 ended first
@@ -243,7 +243,7 @@ def test_every_stop_is_what_its_name_says():
     seen = set()
     for seed in range(4):
         prompts = prompts_for(model, ("tts", "clone", "multi", "tts"), seed=seed, text_first=True)
-        sampling = SamplingConfig(do_sample=True, seed=seed, max_frames=14, max_text_tokens=5)
+        sampling = SamplingConfig(do_sample=True, seed=seed, max_frames=5, max_text_tokens=5)
         for g in generate(model, prompts, tokens, sampling, batch_size=4):
             assert g.stop in STOPS
             seen.add(g.stop)
@@ -252,14 +252,14 @@ def test_every_stop_is_what_its_name_says():
                 closed[-1] = False
             # written by generation, not chosen: <|AUDIO_OUT|> per segment, <|audio_eos|> per closed one
             text = len(g.text_ids) - len(g.segments) - sum(closed)
-            assert text <= 5 and g.columns <= 14
+            assert text <= 5 and g.frames <= 5
             assert g.columns == sum(s.shape[1] for s in g.segments)
             if g.stop == "eos":
                 assert g.text_ids[-1] in (tokens.eot, tokens.end_of_text)
             elif g.stop == "max_text_tokens":
                 assert text == 5 and g.text_ids[-1] not in (tokens.eot, tokens.end_of_text)
             else:
-                assert g.columns == 14 and g.text_ids[-1] == tokens.audio_out
+                assert g.frames == 5 and g.text_ids[-1] == tokens.audio_out
             expected = [revert_delay(s, e) for s, e in zip(g.segments, closed)]
             np.testing.assert_array_equal(g.codes, torch.cat(expected, 1).numpy() if expected else
                                           np.zeros((K, 0), dtype=np.int64))

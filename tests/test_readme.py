@@ -1,6 +1,6 @@
 """The docs run: every fenced block of README.md and docs/*.md carries a `<!-- test: KIND -->` marker, and each
 kind has a runner here — the CPU commands run verbatim from the repository root, one chain in the docs' order (data
-→ stream → training → LoRA → loading the export → comparing → TensorBoard); GPU, multi-node and SLURM commands are
+→ stream → training → LoRA → loading the export → generation → comparing → TensorBoard); GPU, multi-node and SLURM commands are
 validated with --dry-run (`dry-run` blocks; sbatch under a fake SLURM), after DeepSpeed's and torchrun's own parsers
 accept their launcher flags; the ChatML examples build into shards. So docs and tests cannot drift apart. Also: every
 command's --help (reference/ scripts without upstream's packages), console commands from outside the repository, and
@@ -38,7 +38,7 @@ EXAMPLE = ROOT / "examples" / "tiny"
 OUT = Path("/tmp/higgs-example-shards")  # where the docs' commands write
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 KINDS = {"top-commands", "data-commands", "python-stream", "chatml", "train-commands", "lora-commands",
-         "python-load", "compare-commands", "tensorboard", "dry-run"}
+         "python-load", "generate-commands", "compare-commands", "tensorboard", "dry-run"}
 BLOCK = re.compile(r"(?:<!-- test: (?P<kind>[\w-]+) -->\s*)?```(?P<lang>\w*)\n(?P<code>.*?)```", re.S)
 
 
@@ -182,6 +182,19 @@ def test_the_docs_cpu_commands_run_verbatim_in_order(tmp_path, readme_out_lock):
         assert (Path("/tmp/higgs-example-lora-export") / layout).exists(), layout
     assert (Path("/tmp/higgs-example-lora-export") / "peft" / "base" / "model.safetensors").exists()
     assert python("python-load")[-1].split()[::2] == ["HiggsAudioV2ForConditionalGeneration", "4"]
+
+    bash("generate-commands")  # the run, the LoRA run (sampling) and the run's boson export
+    speech = {}
+    for name in ("speech", "speech-lora", "speech-export"):
+        folder = Path(f"/tmp/higgs-example-{name}")
+        results = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+        assert [r["id"] for r in results] == ["tts", "clone", "chat"], name
+        speech[name] = {r["id"]: (r, np.load(folder / "codes" / f"{r['id']}.npy")) for r in results}
+        for r, codes in speech[name].values():
+            assert codes.shape == (8, r["frames"]) and r["stop"] in ("eos", "max_frames", "max_text_tokens")
+    for prompt, (result, codes) in speech["speech"].items():  # the export holds the run's weights
+        other, other_codes = speech["speech-export"][prompt]
+        assert other["text"] == result["text"] and np.array_equal(other_codes, codes), prompt
 
     assert "/tmp/higgs-example-run" in bash("compare-commands")
 

@@ -6,7 +6,8 @@ complete result or nothing:
   OUT/codes/<id>.npy    the audio codes, de-delayed, int16 [K, T] (as the shard builder stores codes)
   OUT/wav/<id>.wav      with --codec: the codes decoded, 32-bit float WAV at the codec's sample rate
   OUT/results.jsonl     one line per prompt, in the prompts' order: id, text (the turn's text stream, special
-                        tokens kept), frames, stop (eos | max_frames | max_text_tokens), seconds (its wall time),
+                        tokens kept), frames, stop (eos | max_frames | max_text_tokens), stream_ids (stream bos/eos
+                        ids among the codes: clipped for the codec), seconds (its wall time),
                         codes and wav (paths relative to OUT; wav null without --codec or audio)"""
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
                                    "prompts name)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     p.add_argument("--max-frames", type=int, default=defaults.max_frames,
-                   help="audio columns per turn: the frames and the delay pattern's K + 1 (25 frames a second)")
+                   help="audio frames per turn (25 a second; the delay pattern's K + 1 columns not counted)")
     p.add_argument("--max-text-tokens", type=int, default=defaults.max_text_tokens, help="text tokens per turn")
     p.add_argument("--sample", action="store_true", help="sample instead of the greedy choice (the most likely token)")
     p.add_argument("--temperature", type=float, default=defaults.temperature, help="with --sample")
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                                    progress=lambda _: bar.update())
         staging = Staging(out)
         with staging as directory:
-            write(directory, generations, loaded.vocabulary.tokenizer, codec)
+            write(directory, generations, loaded.vocabulary.tokenizer, codec,
+                  loaded.vocabulary.model_config.audio.codes_per_codebook)
             staging.commit()
     except KeyboardInterrupt:
         print(f"interrupted: nothing written to {args.out}", file=sys.stderr)
@@ -105,18 +107,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write(directory: Path, generations: list, tokenizer, codec) -> None:
-    """codes/, wav/ (with a codec) and results.jsonl into `directory`."""
+def write(directory: Path, generations: list, tokenizer, codec, codes_per_codebook: int) -> None:
+    """codes/, wav/ (with a codec) and results.jsonl into `directory`. A codebook free after the delay ramp may
+    pick a stream bos/eos id (an untrained model does): kept in codes/, counted in results.jsonl (`stream_ids`),
+    and clipped to the last code for the codec, as upstream's serve engine does."""
     (directory / "codes").mkdir()
     if codec is not None:
         (directory / "wav").mkdir()
     rows = []
     for g in tqdm(generations, desc="writing", unit="prompt", file=sys.stderr, disable=codec is None):
         codes = f"codes/{g.id}.npy"
-        np.save(directory / codes, g.codes.astype(np.int16))  # codes < codes_per_codebook (1024)
+        np.save(directory / codes, g.codes.astype(np.int16))  # ids < 1026 (codes, or a stray stream id)
         wav = f"wav/{g.id}.wav" if codec is not None and g.frames else None
         if wav is not None:
-            codec.write_wav(directory / wav, g.codes)
+            codec.write_wav(directory / wav, g.codes.clip(0, codes_per_codebook - 1))
         rows.append({"id": g.id, "text": tokenizer.decode(g.text_ids, skip_special_tokens=False),
-                     "frames": g.frames, "stop": g.stop, "seconds": round(g.seconds, 3), "codes": codes, "wav": wav})
+                     "frames": g.frames, "stop": g.stop, "stream_ids": int((g.codes >= codes_per_codebook).sum()),
+                     "seconds": round(g.seconds, 3), "codes": codes, "wav": wav})
     (directory / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))

@@ -9,7 +9,8 @@ follows the last fed input, as in upstream's `HiggsAudioModel._sample`:
     c), codebooks 0..c become eos and every later column extends eos by one codebook; the column where the ramp
     completes is the segment's last (it is not fed back: `<|audio_eos|>` is fed next, as upstream does).
     transformers' port ramps from codebook 0 instead; the two agree whenever codebook 0 ends first (docs/generate.md).
-Budgets: `max_frames` audio columns per turn (stop "max_frames"), `max_text_tokens` text tokens outside audio.
+Budgets: `max_frames` audio frames per turn (de-delayed: a segment's K + 1 ramp columns are not frames; stop
+"max_frames"), `max_text_tokens` text tokens outside audio.
 
 Rows are batched with left padding (per-row positions, a 4-D mask) and a KV cache (transformers' DynamicCache on
 the port's attention modules). Sampling draws from one generator per prompt, seeded by (seed, prompt id), so a
@@ -33,7 +34,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, Tempera
                                                     TopPLogitsWarper)
 
 from ..data.tokens import AudioSettings, SpecialTokens
-from .delay import revert_delay
+from .delay import frames_in, revert_delay
 from .prompts import Prompt
 
 STOPS = ("eos", "max_frames", "max_text_tokens")
@@ -46,7 +47,7 @@ class SamplingConfig:
     top_k: int = 0  # 0: off (transformers' GenerationConfig defaults to 50: pass it to compare with upstream)
     top_p: float = 1.0
     seed: int = 0
-    max_frames: int = 1500  # audio columns per turn (60 s at 25 frames/s)
+    max_frames: int = 1500  # audio frames per turn (60 s at 25 frames/s)
     max_text_tokens: int = 256  # text tokens per turn, outside audio
 
     def __post_init__(self):
@@ -79,7 +80,7 @@ class Generation:
     segments: list[torch.Tensor]  # delayed codes [K, n] per audio segment (column 0 all stream-bos), on the CPU
     codes: np.ndarray  # int64 [K, T]: every segment's frames, de-delayed and concatenated
     stop: str  # one of STOPS
-    columns: int  # audio columns generated (what max_frames counts)
+    columns: int  # audio columns generated (delayed: frames + K + 1 per closed segment)
     steps: int  # forwards this prompt took part in (prefill included)
     seconds: float  # from its batch's start to its end
 
@@ -106,6 +107,7 @@ class _Row:
     position: int = 0
     text_count: int = 0
     columns: int = 0
+    closed_frames: int = 0  # frames of the segments already closed
     num_delay: int = 0
     remaining: int | None = None
     steps: int = 0
@@ -220,6 +222,8 @@ class _Decoder:
             row.segments[-1].append(column)
             row.columns += 1
             if ended:
+                row.closed_frames += frames_in(len(row.segments[-1]), self.audio.num_codebooks, True,
+                                              self.audio.use_delay_pattern)
                 row.text_ids.append(t.audio_eos)
                 row.pending = (t.audio_eos, None)
             else:
@@ -233,8 +237,11 @@ class _Decoder:
                 row.stop = "eos"
             elif row.text_count >= s.max_text_tokens:
                 row.stop = "max_text_tokens"
-        if row.stop is None and row.pending[1] is not None and row.columns >= s.max_frames:
-            row.stop = "max_frames"
+        if row.stop is None and row.pending[1] is not None:  # in an open segment: count its complete frames
+            frames = row.closed_frames + frames_in(len(row.segments[-1]), self.audio.num_codebooks, False,
+                                                   self.audio.use_delay_pattern)
+            if frames >= s.max_frames:
+                row.stop = "max_frames"
 
     # ------------------------------------------------------------------------------------------ a batch
 
