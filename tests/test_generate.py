@@ -173,9 +173,9 @@ def scripted(columns: list[list[int]]):
     """A `choose` that returns scripted audio columns (and the model's own argmax for text)."""
     script = iter(columns)
 
-    def choose(self, logits, generator):
-        if logits.shape[0] == K:  # the audio head's [K, V]
-            return torch.tensor(next(script))
+    def choose(self, logits, rows):
+        if logits.dim() == 3:  # the audio head's [rows, K, V]
+            return torch.tensor([next(script) for _ in rows], dtype=torch.long).view(len(rows), K)
         return logits.argmax(dim=-1)
     return mock.patch.object(decode_module._Decoder, "choose", choose)
 

@@ -177,12 +177,17 @@ class _Decoder:
 
     # ------------------------------------------------------------------------------------------ choosing
 
-    def choose(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """logits [n, V] → ids [n]: argmax, or one draw per row from the warped distribution."""
+    def choose(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """logits [n, ..., V] of n rows → ids [n, ...] on the CPU: the argmax (one transfer for the whole step), or
+        one draw per distribution from each row's own generator (upstream's order: the row's [.., V] at once)."""
         if not self.sampling.do_sample:
-            return logits.argmax(dim=-1)
-        probs = torch.softmax(self.warpers(None, logits), dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            return logits.argmax(dim=-1).cpu()
+        drawn = []
+        for row_logits, row in zip(logits, rows):
+            flat = row_logits.reshape(-1, row_logits.shape[-1])
+            probs = torch.softmax(self.warpers(None, flat), dim=-1)
+            drawn.append(torch.multinomial(probs, 1, generator=row.generator).view(row_logits.shape[:-1]))
+        return torch.stack(drawn).cpu() if drawn else torch.zeros(logits.shape[:-1], dtype=torch.long)
 
     def impose_delay(self, row: _Row, codes: torch.Tensor) -> bool:
         """Upstream's delay bookkeeping on a sampled column (in place); True when this column ends the segment."""
@@ -206,8 +211,9 @@ class _Decoder:
                 row.remaining = k - first - 1
         return row.remaining is not None and row.remaining <= 0
 
-    def advance(self, row: _Row, text_logits: torch.Tensor | None, audio_logits: torch.Tensor | None) -> None:
-        """One step of one row: choose its next output, decide its next input, its stop."""
+    def advance(self, row: _Row, token: int | None, column: torch.Tensor | None) -> None:
+        """One step of one row, given what its head chose (a text token, or an audio column [K]): its next
+        output, its next input, its stop."""
         s, t = self.sampling, self.tokens
         if row.last_text == t.audio_out_bos:  # the segment opens with an all-bos column, not sampled
             column = torch.full((self.audio.num_codebooks,), self.audio.stream_bos_id, dtype=torch.long)
@@ -217,7 +223,6 @@ class _Decoder:
             row.num_delay, row.remaining = 0, None
             row.pending = (t.audio_out, column)
         elif row.last_text is None:  # an audio frame was fed: the audio head speaks
-            column = self.choose(audio_logits, row.generator).cpu()
             ended = self.impose_delay(row, column)
             row.segments[-1].append(column)
             row.columns += 1
@@ -229,7 +234,6 @@ class _Decoder:
             else:
                 row.pending = (t.audio_out, column)
         else:
-            token = int(self.choose(text_logits[None], row.generator)[0])
             row.text_ids.append(token)
             row.text_count += 1
             row.pending = (token, None)
@@ -307,14 +311,19 @@ class _Batch:
                 r.pending = fed
         last = d.forward(self.inputs(), self.cache)
         live = [b for b, r in enumerate(self.rows) if r.stop is None]
-        text_rows = [b for b in live if self.rows[b].last_text is not None]
+        opening = [b for b in live if self.rows[b].last_text == d.tokens.audio_out_bos]  # nothing to choose
+        text_rows = [b for b in live if self.rows[b].last_text not in (None, d.tokens.audio_out_bos)]
         audio_rows = [b for b in live if self.rows[b].last_text is None]
         text, audio = d.heads(last, text_rows, audio_rows)
-        finished = []
+        text = d.choose(text, [self.rows[b] for b in text_rows])
+        audio = d.choose(audio, [self.rows[b] for b in audio_rows])
+        for b in opening:
+            d.advance(self.rows[b], None, None)
         for i, b in enumerate(text_rows):
-            d.advance(self.rows[b], text[i], None)
+            d.advance(self.rows[b], int(text[i]), None)
         for i, b in enumerate(audio_rows):
-            d.advance(self.rows[b], None, audio[i])
+            d.advance(self.rows[b], None, audio[i].clone())
+        finished = []
         now = time.perf_counter()
         for b in live:
             r = self.rows[b]
