@@ -359,7 +359,8 @@ def generate(model, prompts: list[Prompt], tokens: SpecialTokens, sampling: Samp
              batch_size: int = 8, use_cache: bool = True, lockstep: bool = False,
              progress: Callable[[Generation], None] | None = None) -> list[Generation]:
     """Continue each prompt's assistant turn; results in prompt order. `model`: HiggsAudioForTraining (or a ZeRO-3
-    engine's module with `lockstep=True`, called on every rank, each with its own prompts, possibly none).
+    engine's module with `lockstep=True`, called on every rank, each with its own prompts, possibly none; inside a
+    DeepSpeed engine call it through `zero.generate_on_ranks`, which first closes DeepSpeed's prefetch trace).
     `progress` is called with each Generation as it finishes."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
