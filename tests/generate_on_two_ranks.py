@@ -13,6 +13,7 @@ model, dummy forwards, seconds; the gathered copy's bytes and memory); rank 0 al
 step-1 weights the single-process reference loads."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from higgs_ds.generate import SamplingConfig
+from higgs_ds.generate import Generation, Prompt, SamplingConfig
 
 BATCH_SIZE = 2
 GREEDY = SamplingConfig(max_frames=16, max_text_tokens=6)
@@ -31,6 +32,37 @@ RUNS = {"greedy": (GREEDY, GREEDY),
         "sampled": (SamplingConfig(**SAMPLED, max_frames=5, max_text_tokens=4),
                     SamplingConfig(**SAMPLED, max_frames=30, max_text_tokens=8))}
 MODES = ("lockstep", "gathered")
+
+
+KINDS = {"Prompt": Prompt, "Generation": Generation}
+
+
+def plain(value):
+    """Prompts and Generations (nested in dicts and lists) as dicts of tensors, lists and strings: files that
+    `torch.load(..., weights_only=True)` reads, no pickle. `restored` undoes it."""
+    if isinstance(value, (Prompt, Generation)):
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        if isinstance(value, Generation):
+            fields["codes"] = torch.from_numpy(value.codes)
+        return {"kind": type(value).__name__, **fields}
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [plain(item) for item in value]
+    return value
+
+
+def restored(value):
+    if isinstance(value, dict) and value.get("kind") in KINDS:
+        fields = {key: item for key, item in value.items() if key != "kind"}
+        if value["kind"] == "Generation":
+            fields["codes"] = fields["codes"].numpy()
+        return KINDS[value["kind"]](**fields)
+    if isinstance(value, dict):
+        return {key: restored(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [restored(item) for item in value]
+    return value
 
 
 def rss_mib(field: str) -> float:
@@ -99,7 +131,7 @@ def probe(trainer, prompts: list, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         torch.save(weights, out / "weights.pt")
-    torch.save(results, out / f"rank{rank}.pt")
+    torch.save(plain(results), out / f"rank{rank}.pt")
     (out / f"rank{rank}.json").write_text(json.dumps(stats, indent=1))
     dist.barrier()
 
@@ -112,7 +144,7 @@ def main(run_yaml: str, cases_json: str, prompts_pt: str, out_dir: str) -> int:
     from higgs_ds.train.trainer import Trainer
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    prompts = torch.load(prompts_pt, weights_only=False)
+    prompts = restored(torch.load(prompts_pt, weights_only=True))
     out = Path(out_dir)
     setups = {}  # every preflight before the process group, as launch/train.py runs it
     for name, overrides in json.loads(Path(cases_json).read_text()).items():

@@ -157,7 +157,7 @@ def launched(corpus, tmp_path_factory) -> Launched:
     (tmp / "cases.json").write_text(json.dumps(CASES))
     vocabulary = load_vocabulary(TINY_TOKENIZER, pretrained)
     prompts = prompts_of_ranks(vocabulary)
-    torch.save(prompts, tmp / "prompts.pt")
+    torch.save(launched_script.plain(prompts), tmp / "prompts.pt")
     started = time.perf_counter()
     done = processes.run([str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(processes.free_port()),
                           str(TESTS / "generate_on_two_ranks.py"), str(run_yaml), str(tmp / "cases.json"),
@@ -167,9 +167,10 @@ def launched(corpus, tmp_path_factory) -> Launched:
     probes = {case: tmp / "out" / case / "probe" for case in ("full", "lora")}
     return Launched(
         tmp / "out", prompts, vocabulary.tokens,
-        {case: [torch.load(p / f"rank{r}.pt", weights_only=False) for r in range(2)] for case, p in probes.items()},
+        {case: [launched_script.restored(torch.load(p / f"rank{r}.pt", weights_only=True)) for r in range(2)]
+         for case, p in probes.items()},
         {case: [json.loads((p / f"rank{r}.json").read_text()) for r in range(2)] for case, p in probes.items()},
-        {case: reference_model(run_yaml, CASES[case], vocabulary, torch.load(p / "weights.pt"))
+        {case: reference_model(run_yaml, CASES[case], vocabulary, torch.load(p / "weights.pt", weights_only=True))
          for case, p in probes.items()})
 
 
