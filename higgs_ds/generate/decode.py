@@ -80,13 +80,17 @@ class Generation:
     segments: list[torch.Tensor]  # delayed codes [K, n] per audio segment (column 0 all stream-bos), on the CPU
     codes: np.ndarray  # int64 [K, T]: every segment's frames, de-delayed and concatenated
     stop: str  # one of STOPS
-    columns: int  # audio columns generated (delayed: frames + K + 1 per closed segment)
     steps: int  # forwards this prompt took part in (prefill included)
     seconds: float  # from its batch's start to its end
 
     @property
     def frames(self) -> int:
         return int(self.codes.shape[1])
+
+    @property
+    def columns(self) -> int:
+        """Audio columns generated (delayed: frames + K + 1 per closed segment)."""
+        return sum(int(s.shape[1]) for s in self.segments)
 
 
 def prompt_seed(seed: int, prompt_id: str) -> int:
@@ -106,7 +110,6 @@ class _Row:
     last_text: int | None = None  # the last fed text id (None: the last fed input was an audio frame)
     position: int = 0
     text_count: int = 0
-    columns: int = 0
     closed_frames: int = 0  # frames of the segments already closed
     num_delay: int = 0
     remaining: int | None = None
@@ -211,6 +214,9 @@ class _Decoder:
                 row.remaining = k - first - 1
         return row.remaining is not None and row.remaining <= 0
 
+    def frames_in(self, columns: list, ended: bool) -> int:
+        return frames_in(len(columns), self.audio.num_codebooks, ended, self.audio.use_delay_pattern)
+
     def advance(self, row: _Row, token: int | None, column: torch.Tensor | None) -> None:
         """One step of one row, given what its head chose (a text token, or an audio column [K]): its next
         output, its next input, its stop."""
@@ -219,16 +225,13 @@ class _Decoder:
             column = torch.full((self.audio.num_codebooks,), self.audio.stream_bos_id, dtype=torch.long)
             row.text_ids.append(t.audio_out)
             row.segments.append([column])
-            row.columns += 1
             row.num_delay, row.remaining = 0, None
             row.pending = (t.audio_out, column)
         elif row.last_text is None:  # an audio frame was fed: the audio head speaks
             ended = self.impose_delay(row, column)
             row.segments[-1].append(column)
-            row.columns += 1
             if ended:
-                row.closed_frames += frames_in(len(row.segments[-1]), self.audio.num_codebooks, True,
-                                              self.audio.use_delay_pattern)
+                row.closed_frames += self.frames_in(row.segments[-1], ended=True)
                 row.text_ids.append(t.audio_eos)
                 row.pending = (t.audio_eos, None)
             else:
@@ -242,9 +245,7 @@ class _Decoder:
             elif row.text_count >= s.max_text_tokens:
                 row.stop = "max_text_tokens"
         if row.stop is None and row.pending[1] is not None:  # in an open segment: count its complete frames
-            frames = row.closed_frames + frames_in(len(row.segments[-1]), self.audio.num_codebooks, False,
-                                                   self.audio.use_delay_pattern)
-            if frames >= s.max_frames:
+            if row.closed_frames + self.frames_in(row.segments[-1], ended=False) >= s.max_frames:
                 row.stop = "max_frames"
 
     # ------------------------------------------------------------------------------------------ a batch
@@ -270,7 +271,7 @@ class _Decoder:
         k = self.audio.num_codebooks
         codes = torch.cat(codes, dim=1) if codes else torch.zeros(k, 0, dtype=torch.long)
         return Generation(row.prompt.id, row.text_ids, segments, codes.numpy().astype(np.int64), row.stop,
-                          row.columns, row.steps, row.seconds)
+                          row.steps, row.seconds)
 
 
 class _Batch:
@@ -306,7 +307,8 @@ class _Batch:
         for r in self.rows:  # feed what the last step chose (finished rows feed padding)
             if r.pending is not None:
                 fed = r.pending if r.stop is None else (d.tokens.pad, None)
-                r.history.append(fed)
+                if not d.use_cache:  # only the no-cache loop reads the whole history
+                    r.history.append(fed)
                 r.position += 1
                 r.pending = fed
         last = d.forward(self.inputs(), self.cache)
